@@ -1,0 +1,41 @@
+"""Helpers shared by the click commands: turn voice2mesh errors into one line and exit 2."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from v2m_bench.errors import V2MError
+
+
+class UserError(click.ClickException):
+    """A user-caused error: printed as ``error: <message>``, exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file=None):
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def user_errors(fn):
+    """Decorator: re-raise V2MError (and OSError on user files) as a one-line UserError."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except V2MError as e:
+            raise UserError(str(e)) from None
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+            raise UserError(f"{e.filename}: {e.strerror}") from None
+
+    return wrapper
+
+
+def progress_enabled(flag: bool | None) -> bool:
+    """Progress bars: on when asked, else only on an interactive terminal."""
+    if flag is not None:
+        return flag
+    return sys.stderr.isatty()
