@@ -64,7 +64,7 @@ def reference_features(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         y=y, sr=16000, n_fft=1024, hop_length=160, win_length=400, window=np.hamming(400),
         center=False, power=2.0, n_mels=64, fmin=20.0, fmax=7200.0, htk=True, norm="slaney",
     )
-    n = 1 + len(x) // 160
+    n = 1 + (len(x) - 400) // 160  # whole frames
     logmel = np.log(np.maximum(mel[:, :n], 1e-5))
     normed = (logmel - logmel.mean(1, keepdims=True)) / (logmel.std(1, keepdims=True) + np.finfo(np.float32).eps)
     return logmel, normed
@@ -100,14 +100,18 @@ def test_pure_tone_lands_in_its_mel_band(freq):
     assert energy.max() - energy[far].max() > np.log(1e4)
 
 
-@pytest.mark.parametrize("n", [1, 159, 160, 161, 399, 400, 16000, 16001, 16159])
-def test_frame_count_is_one_plus_samples_over_hop(n):
+@pytest.mark.parametrize("n", [1, 159, 160, 161, 399, 400, 401, 559, 560, 16000, 16001, 16159])
+def test_frame_count_formulas(n):
     rng = np.random.default_rng(n)
-    feats, fl = log_mel(rng.standard_normal(n).astype(np.float32))
-    assert feats.shape == (CFG.n_mels, 1 + n // CFG.hop_length)
-    assert int(fl) == 1 + n // 160 == n_frames(n)
-    assert n_frames(0) == 0
-    np.testing.assert_array_equal(n_frames(np.array([0, 159, 160])), [0, 1, 2])
+    x = rng.standard_normal(n).astype(np.float32)
+    whole = 1 + (n - 400) // 160 if n >= 400 else 1  # whole frames only (one padded frame if short)
+    feats, fl = log_mel(x)
+    assert feats.shape == (CFG.n_mels, whole) and int(fl) == whole == n_frames(n)
+    wen = AudioConfig(wen_quirks=True)
+    feats, fl = log_mel(x, config=wen)
+    assert feats.shape == (CFG.n_mels, 1 + n // 160) and int(fl) == 1 + n // 160 == n_frames(n, wen)
+    assert n_frames(0) == 0 == n_frames(0, wen)
+    np.testing.assert_array_equal(n_frames(np.array([0, 399, 400, 560])), [0, 1, 1, 2])
 
 
 def test_frames_cover_hop_aligned_windows():
@@ -150,7 +154,7 @@ def test_batched_equals_one_by_one():
     fb = mel_filterbank()
     batched, fl = log_mel(padded, lens, filterbank=fb)
     listed, fl2 = log_mel(waves)
-    np.testing.assert_array_equal(fl, [1 + n // 160 for n in lens])
+    np.testing.assert_array_equal(fl, [n_frames(n) for n in lens])
     np.testing.assert_array_equal(fl, fl2)
     assert batched.shape == (len(lens), CFG.n_mels, max(fl))
     for i, w in enumerate(waves):
@@ -175,6 +179,14 @@ def test_torch_path_matches_numpy():
     np.testing.assert_allclose(normalise(got, fl_t).numpy(), normalise(ref, fl), atol=5e-4)
     dev, _ = log_mel(waves[0], device="cpu")
     np.testing.assert_allclose(dev.numpy(), ref[0, :, : fl[0]], atol=5e-4)
+    # garbage past the lengths (one utterance shorter than a window) does not leak in torch either
+    padded = torch.from_numpy(rng.standard_normal((2, 9000)).astype(np.float32))
+    padded[0, :8000] = torch.from_numpy(waves[0][:8000])
+    padded[1, :300] = torch.from_numpy(waves[1][:300])
+    got, fl_t = log_mel(padded, torch.tensor([8000, 300]))
+    for i, n in enumerate([8000, 300]):
+        alone, _ = log_mel(waves[i][:n])
+        np.testing.assert_allclose(got[i, :, : fl_t[i]].numpy(), alone, atol=5e-4)
 
 
 def test_parity_with_librosa_melspectrogram():
@@ -187,6 +199,44 @@ def test_parity_with_librosa_melspectrogram():
     # float32 FFT vs librosa's float64 STFT: observed max |diff| ~1e-4 (log units)
     np.testing.assert_allclose(feats, ref_log, atol=5e-4)
     np.testing.assert_allclose(normalise(feats, fl), ref_norm, atol=5e-4)
+
+
+def sphinx_logspec_loop(x: np.ndarray, fb: np.ndarray) -> np.ndarray:
+    """Wen's Sphinx ``sig2logspec`` written out frame by frame (its framing and pre-emphasis as
+    they run, on int16-scale samples), with a given filterbank: (64, int(n / 160 + 1))."""
+    sig = x.astype(np.float64) * 32768.0
+    n_fr = int(len(sig) / 160 + 1)
+    out = np.zeros((64, n_fr))
+    prior, win = 0.0, np.hamming(400)
+    for t in range(n_fr):
+        frame = sig[160 * t : min(len(sig), 160 * t + 400)]
+        if len(frame) < 400:
+            frame = np.resize(frame, 400)  # repeats the partial frame (zeros if empty)
+        shifted = np.concatenate([[prior], frame[:-1]])
+        prior = frame[-1]
+        spec = np.fft.rfft((frame - 0.97 * shifted) * win, 1024)
+        out[:, t] = np.log(np.clip(fb.astype(np.float64) @ (spec.real**2 + spec.imag**2), 1e-5, None))
+    return out
+
+
+def test_wen_quirks_reproduce_sphinx_framing():
+    rng = np.random.default_rng(6)
+    cfg = AudioConfig(wen_quirks=True)
+    fb = mel_filterbank(cfg)
+    lens = [16000, 16077, 16250, 350, 160]  # a multiple of 160 leaves Wen an empty last frame
+    waves = [(voiced_burst(n / SR) + 0.01 * rng.standard_normal(n)).astype(np.float32) for n in lens]
+    batched, fl = log_mel(waves, config=cfg)
+    for i, w in enumerate(waves):
+        ref = sphinx_logspec_loop(w, fb)
+        assert fl[i] == ref.shape[1]
+        np.testing.assert_allclose(batched[i, :, : fl[i]], ref, atol=5e-4)
+    torch = pytest.importorskip("torch")
+    got, fl_t = log_mel([torch.from_numpy(w) for w in waves], config=cfg)
+    np.testing.assert_array_equal(fl_t.numpy(), fl)
+    np.testing.assert_allclose(got.numpy(), batched, atol=5e-4)
+    # and it is really different from the default framing in the first frames' low bands
+    clean, _ = log_mel(waves[0])
+    assert np.abs(clean - batched[0, :, : clean.shape[1]]).max() > 0.1
 
 
 def test_filterbank_is_librosa_htk_slaney():
@@ -303,7 +353,7 @@ def test_extract_features_on_silent_file(tmp_path):
     with pytest.raises(ValidationError, match="silence.wav.*no voiced"):
         extract_features(path)
     feats = extract_features(path, dataclasses.replace(CFG, vad_on_no_speech="keep"))
-    assert feats.shape == (64, 101) and np.all(feats == 0)
+    assert feats.shape == (64, 1 + (16000 - 400) // 160) and np.all(feats == 0)
 
 
 def test_config_validation():
@@ -337,11 +387,11 @@ def test_real_voices(shared_dir):
         assert sr == 16000 and wave.size == info.frames
         hundredths = info.frames / 160  # duration * 100 frames per second
         raw = extract_features(path, dataclasses.replace(CFG, vad_mode=None))
-        assert raw.shape == (64, 1 + wave.size // 160)
-        assert 0 < raw.shape[1] - hundredths <= 1
+        assert raw.shape == (64, 1 + (wave.size - 400) // 160)
+        assert -3 < raw.shape[1] - hundredths <= 0
         feats = extract_features(path)
         assert feats.dtype == np.float32 and np.isfinite(feats).all()
-        assert feats.shape[0] == 64 and 0.5 * hundredths <= feats.shape[1] <= hundredths + 1
+        assert feats.shape[0] == 64 and 0.5 * hundredths <= feats.shape[1] <= hundredths
         np.testing.assert_allclose(feats.mean(1), 0, atol=1e-4)
         np.testing.assert_allclose(feats.std(1), 1, atol=1e-3)
 

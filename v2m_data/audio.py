@@ -20,12 +20,21 @@ Choices made where the paper leaves room, checked against the released code of W
 * **Sample scale**: Wen's code feeds int16 sample values to the filterbank, so the 1e-5 floor acts on
   int16-scale power. ``AudioConfig.input_scale = 32768`` reproduces that with float waveforms in
   [-1, 1]; set it to 1.0 to floor float-scale power instead.
-* **Frames**: ``1 + n_samples // hop_length`` frames (Sphinx's ``int(n / 160 + 1)``); frame ``t``
-  covers samples ``[t * hop, t * hop + 400)``, the part past the end is zero. (Sphinx fills that part
-  with repeated copies of the frame through ``numpy.resize``, an accident we do not copy.)
-* **Pre-emphasis** runs once over the whole utterance, ``y[n] = x[n] - 0.97 x[n-1]`` with
-  ``x[-1] = 0``. (Sphinx restarts it per overlapping frame from the previous frame's last sample,
-  which only changes the first sample of each frame, weighted 0.08 by the window.)
+* **Frames** (default): only whole frames, ``1 + (n - 400) // 160`` of them (one zero-padded frame
+  when ``0 < n < 400``); frame ``t`` covers samples ``[160 t, 160 t + 400)``.
+  **Pre-emphasis** (default) runs once over the whole utterance, ``y[n] = x[n] - 0.97 x[n-1]``,
+  ``x[-1] = 0``. This equals ``librosa.feature.melspectrogram(center=False)`` with the same window.
+* ``AudioConfig(wen_quirks=True)`` instead reproduces two accidents of Sphinx's ``sig2logspec`` as
+  Wen ran it, for features meant for an encoder trained on Wen's own files: ``int(n / 160 + 1)``
+  frames whose part past the end is filled by ``numpy.resize`` (the partial frame repeated, an empty
+  one all zeros), and pre-emphasis restarted in every overlapping frame from the *previous frame's
+  last sample* (``y_t[0] = x_t[0] - 0.97 x_{t-1}[399]``). Measured on the six shared VoxCeleb1
+  clips (whose lengths are multiples of 160, so Wen's last frame is empty): the quirks move the
+  normalised features by up to ~3 units in the lowest bands (median 0.004), and Wen's
+  ``int(n/160+1)`` count with zero padding instead of ``numpy.resize`` would add an all-floor last
+  frame that skews every band's mean and std - which is why the default keeps whole frames only.
+  The Sphinx filter rounding is a separate difference (up to ~1.7 units in the lowest bands); pass
+  a Sphinx filterbank to :func:`log_mel` (``filterbank=``) where bit-level parity with Wen matters.
 * **Normalisation** is ``(x - mean) / (std + eps)`` with the population std and
   ``eps = float32 machine epsilon``, as in Wen's ``get_fbank``.
 * **VAD**: webrtc VAD (PyPI ``webrtcvad-wheels``, import name ``webrtcvad``), aggressiveness 2 as in
@@ -109,6 +118,9 @@ class AudioConfig:
     vad_on_no_speech : str
         What :func:`extract_features` does when the VAD finds no voiced frame: ``"raise"`` a
         :class:`~v2m_bench.errors.ValidationError` naming the file, or ``"keep"`` the whole file.
+    wen_quirks : bool
+        Reproduce the framing and per-frame pre-emphasis of Wen's Sphinx code (see the module
+        docstring) instead of whole frames and one pre-emphasis pass.
     """
 
     sample_rate: int = 16000
@@ -129,6 +141,7 @@ class AudioConfig:
     vad_frame_ms: int = 30
     vad_hangover_ms: float = 60.0
     vad_on_no_speech: str = "raise"
+    wen_quirks: bool = False
 
     def __post_init__(self) -> None:
         if self.win_length > self.n_fft:
@@ -374,24 +387,54 @@ def _window(config: AudioConfig) -> np.ndarray:
 
 
 def n_frames(n_samples: Any, config: AudioConfig | None = None) -> Any:
-    """Number of feature frames of an utterance: ``1 + n_samples // hop_length`` (0 for no samples).
+    """Number of feature frames of an utterance of ``n_samples`` samples.
+
+    Default: whole frames only, ``1 + (n - win_length) // hop_length``, and 1 for
+    ``0 < n < win_length``. With ``config.wen_quirks``: ``1 + n // hop_length`` (Sphinx's
+    ``int(n / 160 + 1)``). 0 for no samples.
 
     Parameters
     ----------
     n_samples : int or array of int
         Utterance lengths in samples.
     config : AudioConfig, optional
-        Uses ``hop_length``.
+        Uses ``hop_length``, ``win_length`` and ``wen_quirks``.
 
     Returns
     -------
     int or numpy.ndarray of int64
         Frame counts, same shape as ``n_samples``.
     """
-    hop = (config or AudioConfig()).hop_length
+    c = config or AudioConfig()
+    hop, win = c.hop_length, c.win_length
     n = np.asarray(n_samples, dtype=np.int64)
-    out = np.where(n > 0, 1 + n // hop, 0)
+    if c.wen_quirks:
+        out = np.where(n > 0, 1 + n // hop, 0)
+    else:
+        out = np.where(n >= win, 1 + (n - win) // hop, (n > 0).astype(np.int64))
     return int(out) if out.ndim == 0 else out
+
+
+def _wen_frames(x: np.ndarray, n: int, nf: int, c: AudioConfig) -> np.ndarray:
+    """Wen/Sphinx raw frames of one utterance ``x[:n]`` with per-frame pre-emphasis, (nf, win) float32.
+
+    Frame ``t`` is ``x[hop t : hop t + win]``; a frame running past the end is the available part
+    repeated (``numpy.resize``; all zeros when nothing is left). Pre-emphasis restarts in each frame
+    from the previous frame's last (raw) sample, 0 before the first frame.
+    """
+    hop, win = c.hop_length, c.win_length
+    y = np.zeros((nf - 1) * hop + win, np.float32)
+    y[:n] = x[:n]
+    raw = np.lib.stride_tricks.sliding_window_view(y, win)[::hop][:nf].copy()
+    for t in range(max(0, (n - win) // hop + 1), nf):  # the frames that run past the end (<= 3)
+        left = n - t * hop
+        raw[t] = x[t * hop + np.arange(win) % left] if left > 0 else 0.0
+    a = np.float32(c.preemphasis)
+    prev_last = np.concatenate([np.zeros(1, np.float32), raw[:-1, -1]])
+    out = raw.copy()
+    out[:, 1:] -= a * raw[:, :-1]
+    out[:, 0] -= a * prev_last
+    return out
 
 
 def _is_torch(x: Any) -> bool:
@@ -445,9 +488,10 @@ def log_mel(
     """Batched log-mel power spectrogram (pre-emphasis, Hamming frames, FFT, mel, log).
 
     Frame ``t`` of utterance ``b`` covers samples ``[t * hop, t * hop + win_length)`` of the
-    pre-emphasised waveform, zero past ``lengths[b]``; an utterance of ``n`` samples has
-    ``n_frames(n) = 1 + n // hop`` frames. Padding never leaks: each utterance's frames equal those
-    of the utterance computed alone.
+    pre-emphasised waveform; an utterance of ``n`` samples has :func:`n_frames` ``(n)`` frames
+    (whole frames only by default; Wen's framing with ``config.wen_quirks``). Padding never leaks:
+    each utterance's frames equal those of the utterance computed alone. The numpy path is the fast
+    one on CPU; the torch path is meant for a GPU.
 
     Parameters
     ----------
@@ -517,12 +561,16 @@ def _log_mel_numpy(x, lens, flens, F, fb, c: AudioConfig, chunk_frames: int):
         n, nf = int(lens[b]), int(flens[b])
         if nf == 0:
             continue
-        # pre-emphasis over the whole utterance; zeros past its length, never the caller's padding
-        y = np.zeros((nf - 1) * hop + win, np.float32)
-        y[:n] = x[b, :n]
-        if a:
-            y[1:n] -= a * x[b, : n - 1]
-        frames = np.lib.stride_tricks.sliding_window_view(y, win)[::hop]  # (nf, win) view
+        if c.wen_quirks:
+            frames = _wen_frames(x[b], n, nf, c)
+        else:
+            # pre-emphasis over the whole utterance; zeros past its length, never the caller's padding
+            m = min(n, (nf - 1) * hop + win)
+            y = np.zeros((nf - 1) * hop + win, np.float32)
+            y[:m] = x[b, :m]
+            if a:
+                y[1:m] -= a * x[b, : m - 1]
+            frames = np.lib.stride_tricks.sliding_window_view(y, win)[::hop]  # (nf, win) view
         for s in range(0, nf, step):
             e = min(s + step, nf)
             blk = buf[: e - s]
@@ -550,10 +598,31 @@ def _log_mel_torch(x, lens, flens, F, fb, c: AudioConfig, device):
     if F == 0:
         return torch.zeros((B, c.n_mels, 0), device=dev), flens_t
     y = torch.nn.functional.pad(x, (0, n_pad - T))
-    if c.preemphasis:
-        y = torch.cat([y[:, :1], y[:, 1:] - c.preemphasis * y[:, :-1]], dim=1)
-    y = y.masked_fill(torch.arange(n_pad, device=dev)[None, :] >= lens_t[:, None], 0.0)
-    frames = y.unfold(-1, win, hop)[:, :F]  # (B, F, win)
+    beyond = torch.arange(n_pad, device=dev)[None, :] >= lens_t[:, None]
+    if c.wen_quirks:
+        y = y.masked_fill(beyond, 0.0)
+        raw = y.unfold(-1, win, hop)[:, :F].clone()  # (B, F, win)
+        # frames running past the end: the available part repeated (numpy.resize), zeros if none
+        bs, ts, idx, ok = [], [], [], []
+        for b in range(B):
+            n, nf = int(lens[b]), int(flens[b])
+            for t in range(max(0, (n - win) // hop + 1), nf):
+                left = n - t * hop
+                bs.append(b)
+                ts.append(t)
+                idx.append(t * hop + np.arange(win) % max(left, 1))
+                ok.append(left > 0)
+        if bs:
+            bs_t, ts_t = torch.as_tensor(bs, device=dev), torch.as_tensor(ts, device=dev)
+            vals = y[bs_t[:, None], torch.as_tensor(np.stack(idx), device=dev)]
+            raw[bs_t, ts_t] = vals * torch.as_tensor(ok, device=dev, dtype=vals.dtype)[:, None]
+        prev_last = torch.nn.functional.pad(raw[:, :-1, -1], (1, 0))  # (B, F)
+        frames = raw - c.preemphasis * torch.cat([prev_last[..., None], raw[..., :-1]], dim=-1)
+    else:
+        if c.preemphasis:
+            y = torch.cat([y[:, :1], y[:, 1:] - c.preemphasis * y[:, :-1]], dim=1)
+        y = y.masked_fill(beyond, 0.0)
+        frames = y.unfold(-1, win, hop)[:, :F]  # (B, F, win)
     w = torch.as_tensor(_window(c) * np.float32(c.input_scale), device=dev)
     # padding explicitly is faster than rfft(n=...) in torch's CPU FFT
     spec = torch.fft.rfft(torch.nn.functional.pad(frames * w, (0, c.n_fft - win)), dim=-1)
