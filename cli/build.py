@@ -1,0 +1,159 @@
+"""``v2m-build-dataset``: build the training/test shards, references.h5 and manifest.json.
+
+::
+
+    v2m-build-dataset --voxceleb DIR --vggface DIR --out DIR [options]     # build (resumes)
+    v2m-build-dataset merge OUT                                             # finish a shard array
+    v2m-build-dataset synth OUT --identities N                              # a synthetic world
+
+Exit status: 0 when the build finished (per-item failures are recorded in OUT/manifest.json, not
+fatal); 2 with a one-line ``error: ...`` for fatal input errors (missing folders, unreadable
+metadata, no model, another build holding OUT).
+"""
+
+from __future__ import annotations
+
+import click
+
+from ._common import UserError, progress_enabled, user_errors
+
+
+def _options(values) -> tuple:
+    out = []
+    for item in values or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--detector-option expects KEY=VALUE, got {item!r}")
+        v: object = value
+        if value.lower() in ("true", "false"):
+            v = value.lower() == "true"
+        else:
+            try:
+                v = int(value)
+            except ValueError:
+                try:
+                    v = float(value)
+                except ValueError:
+                    v = value
+        out.append((key.strip(), v))
+    return tuple(sorted(out))
+
+
+@click.group(
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.option("--voxceleb", metavar="DIR", help="VoxCeleb1 folder (wav/<id>/<video>/<n>.wav, or the wav folder itself).")
+@click.option("--vggface", metavar="DIR", help="VGGFace folder (images/<Name>/<id>.jpg or <Name>/<id>.jpg; files/<Name>.txt).")
+@click.option("--vox-meta", metavar="CSV", help="vox1_meta.csv (default: <voxceleb>/vox1_meta.csv).")
+@click.option("--vggface-annotations", metavar="DIR", help="Folder of VGGFace <Name>.txt files (default: <vggface>/files).")
+@click.option("--out", metavar="DIR", help="Output folder (resumed when it holds a previous build).")
+@click.option("--bfm", metavar="DIR", help="3DDFA train.configs folder or model .npz (default: $V2M_BFM_DIR, then the cache).")
+@click.option("--detector", type=click.Choice(["fan", "dlib", "precomputed"]), default="fan", show_default=True,
+              help="Landmark detector: face-alignment 3D-FAN (the paper's), dlib, or <image>.pts/.npy files.")
+@click.option("--detector-option", "detector_option", multiple=True, metavar="KEY=VALUE",
+              help="Option of the detector's config (e.g. predictor_path=..., folder=..., face_detector=sfd); repeatable.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True,
+              help="Device of the fan detector (auto: CUDA when available).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Parallel shard workers.")
+@click.option("--backend", type=click.Choice(["loky", "dask"]), default="loky", show_default=True,
+              help="joblib backend; dask uses a dask.distributed client (see --scheduler).")
+@click.option("--scheduler", metavar="ADDRESS", help="dask scheduler address (default with --backend dask: a local cluster).")
+@click.option("--limit-identities", type=click.IntRange(min=1), help="Only the first K identities by VoxCeleb1 id.")
+@click.option("--identities-per-shard", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--shard-index", type=click.IntRange(min=0), default=0, show_default=True, help="This job's index in a job array.")
+@click.option("--num-shards", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Jobs in the array (>1: write only this job's shards; finish with `merge OUT`).")
+@click.option("--reference-overrides", metavar="FILE", help="CSV (identity,image) or JSON {identity: image} of hand-picked references.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: only on a terminal).")
+@click.pass_context
+@user_errors
+def main(ctx, voxceleb, vggface, vox_meta, vggface_annotations, out, bfm, detector, detector_option, device, workers,
+         backend, scheduler, limit_identities, identities_per_shard, shard_index, num_shards, reference_overrides, progress):
+    """Build the Voice2Mesh dataset: per-utterance voice features and per-image face landmarks,
+    crops and 3DMM fits in HDF5 shards, the benchmark's references.h5 and a manifest.
+
+    \b
+    Work is grouped into shards of --identities-per-shard identities (sorted by VoxCeleb1 id).
+    A rerun skips finished shards. Per-item failures (bad audio or image, no face, a diverging
+    fit) are recorded with their reason in OUT/manifest.json and do not stop the build.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    missing = [n for n, v in (("--voxceleb", voxceleb), ("--vggface", vggface), ("--out", out)) if not v]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)} (or use a subcommand: merge, synth; see --help)")
+    from v2m_data.pipeline import BuildConfig, build
+
+    config = BuildConfig(
+        voxceleb=voxceleb,
+        vggface=vggface,
+        out=out,
+        vox_meta=vox_meta,
+        vggface_annotations=vggface_annotations,
+        bfm=bfm,
+        detector=detector,
+        detector_options=_options(detector_option),
+        device=device,
+        workers=workers,
+        backend=backend,
+        scheduler=scheduler,
+        limit_identities=limit_identities,
+        shard_index=shard_index,
+        num_shards=num_shards,
+        identities_per_shard=identities_per_shard,
+        reference_overrides=reference_overrides,
+        progress=progress_enabled(progress),
+    )
+    result = build(config, log=lambda s: click.echo(s, err=True))
+    click.echo(result.summary())
+
+
+@main.command()
+@click.argument("out", metavar="OUT")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: only on a terminal).")
+@user_errors
+def merge(out, progress):
+    """Finish a shard-array build in OUT: check that every job and shard is there, then write
+    references.h5 and manifest.json."""
+    from v2m_data.pipeline import merge as do_merge
+
+    result = do_merge(out, log=lambda s: click.echo(s, err=True), progress=progress_enabled(progress))
+    click.echo(result.summary())
+
+
+@main.command()
+@click.argument("out", metavar="OUT")
+@click.option("--identities", "n_identities", type=click.IntRange(min=1), default=12, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--bfm", metavar="DIR", help="Model to render (default: $V2M_BFM_DIR, then the cache).")
+@click.option("--images-per-identity", type=click.IntRange(min=1), default=None)
+@click.option("--videos-per-identity", type=click.IntRange(min=1), default=None)
+@click.option("--utterances-per-video", type=click.IntRange(min=1), default=None)
+@click.option("--image-size", type=click.IntRange(min=32), default=None)
+@click.option("--overwrite", is_flag=True, help="Write over a previous world in OUT.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: only on a terminal).")
+@user_errors
+def synth(out, n_identities, seed, bfm, images_per_identity, videos_per_identity, utterances_per_video, image_size,
+          overwrite, progress):
+    """Write a synthetic world (VoxCeleb1 + VGGFace layout, .pts landmarks, truth.h5) into OUT,
+    to try the build with --voxceleb OUT --vggface OUT/vggface --detector precomputed."""
+    from v2m_bench.bfm import load_bfm
+    from v2m_data.synth import make_world
+
+    opts = {
+        k: v
+        for k, v in (
+            ("images_per_identity", images_per_identity),
+            ("videos_per_identity", videos_per_identity),
+            ("utterances_per_video", utterances_per_video),
+            ("image_size", image_size),
+        )
+        if v is not None
+    }
+    summary = make_world(out, n_identities, seed, load_bfm(bfm), overwrite=overwrite, progress=progress_enabled(progress), **opts)
+    click.echo(str(summary))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
