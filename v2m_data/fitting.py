@@ -122,9 +122,10 @@ tested < 0.05.
 
 Speed (benchmarks/bench_fit.py; 2-core Xeon shared with other jobs, load 0.7-3, provisional)
 -------------------------------------------------------------------------------------------
-Defaults (4 iterations): 10,300-11,100 faces/s on one thread, 10,400-18,600 on two (load
-dependent); the per-face lstsq reference 430-450 faces/s: 24x on one thread, 23-43x on two.
-``refine=2`` ~3,700-3,900 faces/s; ``contour=True`` ~2,600-3,200 faces/s.
+Defaults (4 iterations), 20,000 faces: 10,300-11,200 faces/s on one thread, 10,400-18,600 on two
+(two threads only help when the other jobs leave a core free); the per-face lstsq reference
+417-452 faces/s: 24-27x on one thread, 23-43x on two. ``refine=2`` 3,700-8,300 faces/s;
+``contour=True`` (8 iterations) 2,600-4,500 faces/s.
 """
 
 from __future__ import annotations
