@@ -317,3 +317,33 @@ def test_rotation_to_angles_matches_the_renderer():
     ang = np.array([[10.0, -20.0, 5.0], [-35.0, 12.0, -7.0], [0.0, 0.0, 0.0], [80.0, 3.0, 1.0]])
     r = view_rotation(ang[:, 0], ang[:, 1], ang[:, 2])
     np.testing.assert_allclose(rotation_to_angles(r), ang, atol=1e-9)
+
+
+def test_real_bfm_build_recovers_the_rendered_poses(bfm, bfm_dir, tmp_path):
+    """On faces rendered from the BFM, the stored fit poses match the renderer's (truth.h5)."""
+    import h5py
+
+    root = tmp_path / "w"
+    make_world(root, 3, 7, bfm, images_per_identity=4, videos_per_identity=1, utterances_per_video=1,
+               duration=(1.0, 1.0), image_size=128, progress=False)
+    out = tmp_path / "out"
+    res = build(BuildConfig(voxceleb=str(root), vggface=str(root / "vggface"), out=str(out), bfm=str(bfm_dir),
+                            detector="precomputed", progress=False), log=quiet)
+    assert res.complete and res.counts["images_ok"] == 12
+    with h5py.File(root / "truth.h5") as t:
+        files = [f.decode() for f in t["image/file"][()]]
+        truth = np.stack([t["image/yaw"][()], t["image/pitch"][()], t["image/roll"][()]], 1)
+    ds = open_dataset(out)
+    errs = []
+    for split in ds.splits:
+        s = ds.split(split)
+        for p, pose in zip(s.images["path"], s.fit["pose"]):
+            errs.append(np.abs(pose - truth[files.index(f"vggface/images/{p}")]))
+    errs = np.array(errs)
+    assert np.median(errs) < 2.0 and errs.max() < 8.0, errs
+    man = json.loads((out / "manifest.json").read_text())
+    te = ds.split("test")
+    assert man["references"]["n_references"] == te.n_identities >= 1
+    for c in man["references"]["chosen"]:
+        k = list(te.images["path"]).index(c["image"])
+        assert abs(te.fit["pose"][k, 0]) <= 15 and abs(te.fit["pose"][k, 1]) <= 15
