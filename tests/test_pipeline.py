@@ -243,7 +243,7 @@ def test_shard_array_lock_lets_jobs_share_but_refuses_a_full_build(tmp_path):
         pass
 
 
-def test_dask_backend_gives_the_same_bytes_as_loky(world, tmp_path):
+def test_dask_backend_gives_the_same_bytes_as_loky(world, reference_build, tmp_path):
     distributed = pytest.importorskip("distributed")
     loky = tmp_path / "loky"
     build(config_for(world, loky, workers=2, backend="loky"), log=quiet)
@@ -255,6 +255,7 @@ def test_dask_backend_gives_the_same_bytes_as_loky(world, tmp_path):
         res = build(config_for(world, dask_out, backend="dask", scheduler=cluster.scheduler_address), log=quiet)
     assert res.shards_built == 3
     assert files_of(dask_out) == files_of(loky)
+    assert files_of(loky) == files_of(reference_build[0])  # two loky workers == one in-process worker
 
 
 def test_shard_array_jobs_and_merge_equal_a_single_build(world, reference_build, tmp_path):
