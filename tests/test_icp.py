@@ -1,0 +1,313 @@
+"""ICP point-to-plane RMSE and part RMSE (v2m_bench.icp)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+from scipy.spatial.transform import Rotation
+
+from v2m_bench.errors import ValidationError
+from v2m_bench.geometry import vertex_normals
+from v2m_bench.icp import (
+    DEFAULT_ICP_CONFIG,
+    IcpConfig,
+    _normals32,
+    icp_rmse,
+    icp_scores,
+    iteration_vertices,
+    nearest_vertices,
+    part_rmse,
+)
+
+
+def _faces(model, n, seed, scale=1.0):
+    rng = np.random.default_rng(seed)
+    shape = rng.normal(size=(n, model.n_shape)) * model.shape_std * scale + model.shape_mean
+    expr = rng.normal(size=(n, model.n_expression)) * model.expression_std * scale + model.expression_mean
+    return model.vertices(shape.astype(np.float32), expr.astype(np.float32))
+
+
+def _grid_dome(n_side=48):
+    """A smooth, face-sized dome on a regular grid (BFM units) and its triangles."""
+    u = np.linspace(-1.0, 1.0, n_side)
+    gx, gy = np.meshgrid(u, u)
+    z = 60_000.0 * np.sqrt(np.clip(1.2 - 0.6 * gx**2 - 0.4 * gy**2, 0.0, None))
+    v = np.stack([80_000.0 * gx, 90_000.0 * gy, z], -1).reshape(-1, 3)
+    idx = np.arange(n_side * n_side).reshape(n_side, n_side)
+    a, b, c, d = idx[:-1, :-1], idx[:-1, 1:], idx[1:, :-1], idx[1:, 1:]
+    tri = np.concatenate([np.stack([a, b, d], -1).reshape(-1, 3), np.stack([a, d, c], -1).reshape(-1, 3)])
+    return v, tri, gx.reshape(-1), gy.reshape(-1)
+
+
+def _icosphere(radius=80_000.0, subdiv=4):
+    t = (1 + 5**0.5) / 2
+    v = [(-1, t, 0), (1, t, 0), (-1, -t, 0), (1, -t, 0), (0, -1, t), (0, 1, t), (0, -1, -t), (0, 1, -t),
+         (t, 0, -1), (t, 0, 1), (-t, 0, -1), (-t, 0, 1)]
+    f = [(0, 11, 5), (0, 5, 1), (0, 1, 7), (0, 7, 10), (0, 10, 11), (1, 5, 9), (5, 11, 4), (11, 10, 2), (10, 7, 6),
+         (7, 1, 8), (3, 9, 4), (3, 4, 2), (3, 2, 6), (3, 6, 8), (3, 8, 9), (4, 9, 5), (2, 4, 11), (6, 2, 10),
+         (8, 6, 7), (9, 8, 1)]
+    verts = [np.array(p, float) / np.linalg.norm(p) for p in v]
+    faces = f
+    for _ in range(subdiv):
+        cache, new = {}, []
+
+        def mid(i, j):
+            key = (min(i, j), max(i, j))
+            if key not in cache:
+                p = verts[i] + verts[j]
+                verts.append(p / np.linalg.norm(p))
+                cache[key] = len(verts) - 1
+            return cache[key]
+
+        for a, b, c in faces:
+            ab, bc, ca = mid(a, b), mid(b, c), mid(c, a)
+            new += [(a, ab, ca), (b, bc, ab), (c, ca, bc), (ab, bc, ca)]
+        faces = new
+    return np.array(verts) * radius, np.array(faces, dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------- basic behaviour
+def test_identical_meshes_score_zero(small_model):
+    v = small_model.mean
+    res = icp_rmse(v, v, small_model.triangles)
+    assert res.rmse.shape == (1,)
+    assert res.rmse[0] < 1e-5
+    np.testing.assert_allclose(res.rotation[0], np.eye(3), atol=1e-6)
+    np.testing.assert_allclose(res.translation[0], 0.0, atol=0.05)
+    assert res.scale[0] == 1.0
+
+
+def test_rigidly_moved_copy_recovers_the_inverse_transform(small_model):
+    ref = _faces(small_model, 1, 1)[0].astype(np.float64)
+    rot = Rotation.from_rotvec([0.12, -0.3, 0.2]).as_matrix()
+    shift = np.array([15_000.0, -7_000.0, 30_000.0])
+    pred = ref @ rot.T + shift
+    res = icp_rmse(pred, ref, small_model.triangles)
+    assert res.rmse[0] < 1e-3
+    np.testing.assert_allclose(res.rotation[0], rot.T, atol=1e-5)
+    np.testing.assert_allclose(res.translation[0], -rot.T @ shift, atol=2.0)
+    aligned = pred @ res.rotation[0].T + res.translation[0]
+    assert np.abs(aligned - ref).max() < 5.0  # micrometres
+
+
+def test_with_scale_recovers_a_scaled_copy(small_model):
+    ref = _faces(small_model, 1, 2)[0].astype(np.float64)
+    rot = Rotation.from_rotvec([0.0, 0.25, 0.05]).as_matrix()
+    pred = 1.07 * ref @ rot.T + np.array([1000.0, 2000.0, -500.0])
+    rigid = icp_rmse(pred, ref, small_model.triangles)
+    sim = icp_rmse(pred, ref, small_model.triangles, with_scale=True)
+    assert sim.scale[0] == pytest.approx(1 / 1.07, rel=1e-6)
+    assert sim.rmse[0] < 1e-3
+    assert rigid.rmse[0] > 100 * sim.rmse[0]  # a rigid fit cannot undo the scale
+
+
+def test_offset_surface_scores_the_offset():
+    """Every vertex of a sphere moved out by d along its normal: rigid ICP cannot undo it.
+
+    (On a coarse mesh the tangent plane of a vertex bends away from the sphere, so sliding the
+    points between vertices lowers the distances by up to R * theta^2 / 2; at 3 mm spacing on a
+    radius of 80 mm that is under 3 % of d.)
+    """
+    v, tri = _icosphere(subdiv=5)
+    d = 500.0  # 0.5 mm
+    n = vertex_normals(v, tri)
+    res = icp_rmse(v + d * n, v, tri, return_distances=True)
+    assert res.rmse[0] == pytest.approx(d / 1000, rel=0.03)
+    assert np.all(res.distances[0] > 0)  # outside the reference surface: positive
+    inner = icp_rmse(v - d * n, v, tri, return_distances=True)
+    assert inner.rmse[0] == pytest.approx(d / 1000, rel=0.03)
+    assert np.all(inner.distances[0] < 0)
+
+
+def test_distances_and_nearest_are_consistent(small_model):
+    ref, pred = _faces(small_model, 2, 3)
+    res = icp_rmse(pred, ref, small_model.triangles, return_distances=True)
+    assert res.distances.shape == (1, small_model.n_vertices) and res.distances.dtype == np.float32
+    assert res.rmse[0] == pytest.approx(np.sqrt(np.mean(res.distances[0].astype(np.float64) ** 2)), rel=1e-6)
+    # recompute the distances from the returned transform and nearest vertices
+    aligned = res.scale[0] * pred.astype(np.float64) @ res.rotation[0].T + res.translation[0]
+    nrm = vertex_normals(ref.astype(np.float64), small_model.triangles)
+    q = ref.astype(np.float64)[res.nearest[0]]
+    d = np.einsum("ij,ij->i", aligned - q, nrm[res.nearest[0]]) / 1000
+    np.testing.assert_allclose(res.distances[0], d, atol=2e-4)
+
+
+def test_normals_match_geometry_vertex_normals(small_model):
+    v = _faces(small_model, 1, 4)[0]
+    v = v - v.mean(axis=0)
+    np.testing.assert_allclose(_normals32(v.astype(np.float32), small_model.triangles),
+                               vertex_normals(v.astype(np.float64), small_model.triangles), atol=2e-6)
+
+
+def test_iteration_vertices_are_frozen():
+    ids = iteration_vertices(53215, 2048)
+    assert ids.shape == (2048,) and np.all(np.diff(ids) > 0)
+    # the hash order is part of the metric's definition: these values must never change
+    assert ids[:5].tolist() == [0, 11, 25, 50, 62]
+    assert int(ids.sum()) == FROZEN_ITERATION_SUM
+    assert iteration_vertices(10, 2048).tolist() == list(range(10))
+    region = np.arange(1000, 3000)
+    sub = iteration_vertices(region, 512)
+    assert sub.size == 512 and np.isin(sub, region).all()
+
+
+FROZEN_ITERATION_SUM = 54000734  # sum of the 2048 BFM iteration vertices (frozen)
+
+
+# ---------------------------------------------------------------------------- nearest vertices
+def test_walk_finds_the_nearest_vertex_on_a_smooth_mesh(small_model):
+    # faces about as far apart as the paper's predictions (RMSE 1.4-1.7 mm)
+    refs = _faces(small_model, 3, 5, scale=0.2)
+    preds = _faces(small_model, 3, 6, scale=0.2)
+    res = icp_rmse(preds, refs, small_model.triangles, return_distances=True, nearest="walk")
+    aligned = res.scale[:, None, None] * np.matmul(preds.astype(np.float64), res.rotation.transpose(0, 2, 1))
+    aligned += res.translation[:, None, :]
+    for b in range(3):
+        exact = cKDTree(refs[b].astype(np.float64)).query(aligned[b])[1]
+        assert (res.nearest[b] == exact).mean() >= 0.999
+    exact_res = icp_rmse(preds, refs, small_model.triangles, nearest="exact")
+    np.testing.assert_allclose(res.rmse, exact_res.rmse, rtol=2e-3)
+    default = icp_rmse(preds, refs, small_model.triangles)
+    np.testing.assert_allclose(default.rmse, exact_res.rmse, rtol=2e-3)
+
+
+def test_nearest_vertices_walk_reaches_far_vertices():
+    v, tri, _, _ = _grid_dome(32)
+    target = v[[0, 500, 1023]] + np.array([0.0, 0.0, 2000.0])
+    got = nearest_vertices(target, v, tri, start=[1023, 0, 512])
+    np.testing.assert_array_equal(got[0], [0, 500, 1023])
+
+
+@pytest.mark.slow
+def test_walk_against_exhaustive_search_on_bfm_faces(bfm):
+    """Realistic pairs: a prediction near the mean (0.5 sd) against a reference (1 sd)."""
+    refs = _faces(bfm, 3, 10)
+    preds = _faces(bfm, 3, 11, scale=0.5)
+    walk = icp_rmse(preds, refs, bfm.triangles, return_distances=True, nearest="walk")
+    aligned = walk.scale[:, None, None] * np.matmul(preds.astype(np.float64), walk.rotation.transpose(0, 2, 1))
+    aligned += walk.translation[:, None, :]
+    nrm = vertex_normals(refs.astype(np.float64), bfm.triangles)
+    exhaustive = []
+    for b in range(3):
+        exact = cKDTree(refs[b].astype(np.float64)).query(aligned[b])[1]
+        agree = (walk.nearest[b] == exact).mean()
+        # measured 97.6-99.3 %: the walk stays on the corresponding sheet where the surface folds
+        assert agree >= 0.97, agree
+        d = np.einsum("ij,ij->i", aligned[b] - refs[b][exact], nrm[b][exact]) / 1000
+        exhaustive.append(np.sqrt(np.mean(d**2)))
+    # the walk's score is biased upwards (it never finds a nearer vertex than the exhaustive one)
+    assert np.all(walk.rmse >= np.array(exhaustive) - 1e-6)
+    np.testing.assert_allclose(walk.rmse, exhaustive, rtol=0.05)
+    # the default scores with the exhaustive search; the walk only steers the iterations
+    default = icp_rmse(preds, refs, bfm.triangles, return_distances=True)
+    full = icp_rmse(preds, refs, bfm.triangles, nearest="exact", config=IcpConfig(n_iteration_vertices=10**6))
+    np.testing.assert_allclose(default.rmse, full.rmse, rtol=0.015)
+    for b in range(3):
+        x = default.scale[b] * preds[b].astype(np.float64) @ default.rotation[b].T + default.translation[b]
+        np.testing.assert_array_equal(default.nearest[b], cKDTree(refs[b].astype(np.float64)).query(x)[1])
+
+
+# ------------------------------------------------------------------------------ batch behaviour
+def test_batch_independence_and_groups(small_model):
+    refs = _faces(small_model, 2, 7)
+    preds = _faces(small_model, 5, 8)
+    group = np.array([0, 1, 1, 0, 1])
+    batch = icp_rmse(preds, refs, small_model.triangles, group=group, return_distances=True)
+    for b in range(5):
+        alone = icp_rmse(preds[b], refs[group[b]], small_model.triangles, return_distances=True)
+        np.testing.assert_array_equal(alone.rmse[0], batch.rmse[b])
+        np.testing.assert_array_equal(alone.rotation[0], batch.rotation[b])
+        np.testing.assert_array_equal(alone.distances[0], batch.distances[b])
+    # reversed order and one thread: same numbers
+    rev = icp_rmse(preds[::-1], refs, small_model.triangles, group=group[::-1], threads=1)
+    np.testing.assert_array_equal(rev.rmse[::-1], batch.rmse)
+    # one reference broadcast to every prediction
+    one = icp_rmse(preds, refs[0], small_model.triangles)
+    np.testing.assert_array_equal(one.rmse[[0, 3]], batch.rmse[[0, 3]])
+    # the walk everywhere (layered all-vertex score) is batch independent too
+    wb = icp_rmse(preds, refs, small_model.triangles, group=group, nearest="walk")
+    for b in (1, 4):
+        np.testing.assert_array_equal(icp_rmse(preds[b], refs[group[b]], small_model.triangles, nearest="walk").rmse[0],
+                                      wb.rmse[b])
+
+
+def test_part_rmse_sees_a_local_offset_only_in_its_region():
+    v, tri, gx, gy = _grid_dome(64)
+    n = vertex_normals(v, tri)
+    # a zero-mean ripple (no rigid component) inside a disk; nothing elsewhere
+    inside = (gx - 0.35) ** 2 + (gy - 0.1) ** 2 < 0.3**2
+    other = (gx + 0.4) ** 2 + (gy + 0.2) ** 2 < 0.3**2
+    amp = 300.0
+    ripple = amp * np.cos(2 * np.pi * gx / 0.1) * np.cos(2 * np.pi * gy / 0.1)
+    offset = np.where(inside, ripple, 0.0)
+    pred = v + offset[:, None] * n
+    regions = {"bumpy": inside, "flat": other}
+    parts = part_rmse(pred, v, tri, regions)
+    expected = np.sqrt(np.mean(offset[inside] ** 2)) / 1000
+    assert parts["bumpy"][0] == pytest.approx(expected, rel=0.1)
+    assert parts["flat"][0] < 0.02 * expected
+    glob, full = icp_scores(pred, v, tri, regions, return_distances=True)
+    assert glob.rmse[0] == pytest.approx(np.sqrt(np.mean(offset**2)) / 1000, rel=0.1)
+    assert set(full) == {"bumpy", "flat"}
+    np.testing.assert_array_equal(full["bumpy"].vertex_ids, np.flatnonzero(inside))
+    assert full["bumpy"].distances.shape == (1, inside.sum())
+    np.testing.assert_array_equal(full["flat"].rmse, parts["flat"])
+
+
+def test_part_rmse_of_a_moved_region_is_zero_after_local_icp():
+    """A region moved rigidly on its own: the global fit sees it, the local ICP removes it."""
+    v, tri, gx, gy = _grid_dome(48)
+    region = (gx - 0.3) ** 2 + (gy - 0.2) ** 2 < 0.25**2
+    pred = v.copy()
+    rot = Rotation.from_rotvec([0.0, 0.0, 0.05]).as_matrix()
+    c = v[region].mean(axis=0)
+    pred[region] = (v[region] - c) @ rot.T + c + np.array([0.0, 0.0, 400.0])
+    glob, parts = icp_scores(pred, v, tri, {"moved": region})
+    assert glob.rmse[0] > 0.05
+    assert parts["moved"].rmse[0] < 0.02 * glob.rmse[0] * np.sqrt(v.shape[0] / region.sum())
+
+
+# --------------------------------------------------------------------------------- validation
+def test_bad_inputs_raise_validation_errors_naming_the_argument(small_model):
+    v = small_model.mean
+    tri = small_model.triangles
+    with pytest.raises(ValidationError, match="pred"):
+        icp_rmse(v[:, :2], v, tri)
+    with pytest.raises(ValidationError, match="ref"):
+        icp_rmse(v, v[:-1], tri)
+    with pytest.raises(ValidationError, match="triangles"):
+        icp_rmse(v, v, tri[:, :2])
+    with pytest.raises(ValidationError, match="triangles"):
+        icp_rmse(v, v, tri + v.shape[0])
+    with pytest.raises(ValidationError, match="group"):
+        icp_rmse(np.stack([v, v, v]), np.stack([v, v]), tri)
+    with pytest.raises(ValidationError, match="group"):
+        icp_rmse(np.stack([v, v]), np.stack([v, v]), tri, group=[0, 2])
+    with pytest.raises(ValidationError, match="regions"):
+        part_rmse(v, v, tri, {"x": np.ones(3, bool)})
+    with pytest.raises(ValidationError, match="regions"):
+        part_rmse(v, v, tri, {"x": np.zeros(v.shape[0], bool)})
+    bad = v.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValidationError, match="pred"):
+        icp_rmse(bad, v, tri)
+    with pytest.raises(ValidationError, match="max_iterations"):
+        IcpConfig(max_iterations=0)
+    with pytest.raises(ValidationError, match="nearest"):
+        icp_rmse(v, v, tri, nearest="kdtree")
+    with pytest.raises(ValidationError, match="score_nearest"):
+        IcpConfig(score_nearest="fast")
+    assert DEFAULT_ICP_CONFIG == IcpConfig()
+
+
+def test_torch_backend_matches_numpy(small_model):
+    pytest.importorskip("torch")
+    refs = _faces(small_model, 2, 12, scale=0.2)
+    preds = _faces(small_model, 4, 13, scale=0.2)
+    group = np.array([0, 0, 1, 1])
+    mask = small_model.mean[:, 0] > 0
+    a, ap = icp_scores(preds, refs, small_model.triangles, {"half": mask}, group=group, nearest="walk")
+    b, bp = icp_scores(preds, refs, small_model.triangles, {"half": mask}, group=group, nearest="walk", device="cpu")
+    np.testing.assert_allclose(b.rmse, a.rmse, rtol=1e-5)
+    np.testing.assert_allclose(bp["half"].rmse, ap["half"].rmse, rtol=1e-5)
