@@ -1,0 +1,59 @@
+"""``v2m-predict``: write the benchmark's predictions.h5 from a trained checkpoint.
+
+::
+
+    v2m-predict --checkpoint supervised.pt --data BUILD --out predictions.h5
+    v2m-bench score predictions.h5 --references BUILD/references.h5
+
+Subcommands may add other predictors (e.g. a cascade baseline). Exit status 2 with a one-line
+``error: ...`` for user errors.
+"""
+
+from __future__ import annotations
+
+import click
+
+from ._common import UserError, user_errors
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--checkpoint", metavar="CKPT", help="A face-model checkpoint (v2m-train supervised, ...).")
+@click.option("--data", metavar="DIR", help="Build folder holding the test split (and references.h5).")
+@click.option("--out", metavar="H5", help="predictions.h5 to write (atomically).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda, cuda:N.")
+@click.option("--per-identity", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Utterances per identity: the first N sorted by video id then utterance id (3: the benchmark).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Whole utterances per forward pass.")
+@click.option("--all-test-identities", is_flag=True,
+              help="Predict every test identity with utterances, not only those of references.h5.")
+@click.option("--model-name", default=None, help="The file's 'model' attribute (default: the checkpoint's file name).")
+@click.pass_context
+@user_errors
+def main(ctx, checkpoint, data, out, device, per_identity, batch_size, all_test_identities, model_name):
+    """Predict the 3D faces of the test utterances of a build with a trained checkpoint.
+
+    For each test identity (those of BUILD/references.h5 by default), the first three utterances
+    sorted by video then utterance id are run whole through the model; the de-normalised 40 shape
+    + 10 expression BFM coefficients are written in v2m-bench's predictions format.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    missing = [n for n, v in (("--checkpoint", checkpoint), ("--data", data), ("--out", out)) if not v]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)} (see --help)")
+    from v2m_data.shards import open_dataset
+    from v2m_models.predict import predict
+
+    identities = None
+    if all_test_identities:
+        identities = [str(x) for x in open_dataset(data).split("test").identities["name"]]
+    result = predict(checkpoint, data, out, device=device, per_identity=per_identity, batch_size=batch_size,
+                     identities=identities, model_name=model_name)
+    click.echo(result.summary())
+
+
+__all__ = ["main"]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
