@@ -474,8 +474,12 @@ class SupervisedTask(_VoiceTask):
         if not self._bfm_looked:
             self._bfm_looked = True
             self._bfm = find_bfm(self.config.bfm, self.dataset, run.log)
-            if self._bfm is not None and (self._bfm.n_shape != 40 or self._bfm.n_expression != 10):
-                run.log(f"the BFM has {self._bfm.n_shape} + {self._bfm.n_expression} coefficients, not 40 + 10: no geometric metrics")
+            from v2m_bench.bfm import N_VERTICES
+
+            b = self._bfm
+            if b is not None and (b.n_shape != 40 or b.n_expression != 10 or b.n_vertices != N_VERTICES):
+                run.log(f"the model has {b.n_vertices} vertices and {b.n_shape} + {b.n_expression} coefficients, "
+                        f"not the BFM's {N_VERTICES} and 40 + 10: no geometric metrics")
                 self._bfm = None
         return self._bfm
 

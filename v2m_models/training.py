@@ -12,7 +12,7 @@ run by :func:`fit`, the generic loop. The loop owns everything that is not speci
   modules in ``DistributedDataParallel`` (:meth:`Run.wrap`). ``batch_size`` is the global batch:
   each rank gets ``batch_size / world_size`` samples, the slice of the batch one process would
   have drawn (:class:`v2m_models.data.BatchPlanner`). Validation, logging and checkpoints happen
-  on rank 0 only.
+  on rank 0 only; before each, the BatchNorm running statistics are averaged over the ranks.
 - **checkpoints** (:func:`save_checkpoint`, atomic: a temporary file in the same folder, fsync,
   ``os.replace``) every ``ckpt_every`` iterations and at the end, holding the models, optimisers,
   grad scalers, RNG states, the iteration, the config (a dataclass, stored as a dict with its
@@ -650,6 +650,20 @@ def _reduce_mean(values: dict, env: DistEnv) -> dict:
     return {k: t[i] for i, k in enumerate(keys)}
 
 
+def _average_buffers(task: Task, env: DistEnv) -> None:
+    """Average the floating-point buffers (BatchNorm running statistics) over the ranks, so the
+    validated and saved model summarises every rank's data (DDP keeps rank 0's otherwise)."""
+    if not env.distributed:
+        return
+    import torch.distributed as dist
+
+    for m in task.modules.values():
+        for b in m.buffers():
+            if b.is_floating_point():
+                dist.all_reduce(b)
+                b /= env.world_size
+
+
 def _check_resume(ck: dict, task: Task, path: Path) -> None:
     if ck["kind"] != task.kind:
         raise ValidationError(f"is a {ck['kind']!r} checkpoint, cannot resume a {task.kind!r} run", path=str(path))
@@ -739,12 +753,14 @@ def fit(task: Task, out, *, resume: bool = False, env: DistEnv | None = None, lo
         it = start
 
         def checkpoint(i: int) -> None:
+            _average_buffers(task, env)
             if env.is_main:
                 save_checkpoint(out, _payload(task, run, i, last_metrics))
             run.barrier()
 
         def validate(i: int) -> None:
             nonlocal last_metrics
+            _average_buffers(task, env)
             if env.is_main:
                 vals = task.validate(run)
                 for m in task.modules.values():
