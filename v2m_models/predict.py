@@ -29,7 +29,7 @@ from v2m_bench.errors import ValidationError
 from .data import select_test_utterances, whole_utterances
 from .training import load_checkpoint, resolve_device
 
-__all__ = ["PredictResult", "resolve_predictor", "predict", "predict_with", "test_selection"]
+__all__ = ["PredictResult", "resolve_predictor", "predict", "predict_with", "prediction_selection"]
 
 
 @dataclass
@@ -78,7 +78,7 @@ def resolve_predictor(checkpoint: dict, device, batch_size: int = 16, path=None)
     return loader(checkpoint, device, batch_size=batch_size)
 
 
-def test_selection(dataset, per_identity: int = 3, identities=None):
+def prediction_selection(dataset, per_identity: int = 3, identities=None):
     """The identities and utterances to predict: (names, utterance numbers, utterance ids, missing).
 
     ``identities`` default: those of the build's references.h5 when it exists, else every test
@@ -113,7 +113,7 @@ def predict_with(predictor, dataset, out, *, model: str, per_identity: int = 3, 
     """
     from v2m_bench.formats import write_predictions
 
-    split, names, utts, ids, missing = test_selection(dataset, per_identity, identities)
+    split, names, utts, ids, missing = prediction_selection(dataset, per_identity, identities)
     if not len(utts):
         raise ValidationError("no test utterance to predict", path=str(dataset.root))
     pred = predictor.predict(whole_utterances(split, utts))
