@@ -11,6 +11,7 @@ the same iteration cap, target normals = the same area-weighted vertex normals),
 agreement of the RMSE values. Open3D is optional: the library never imports it.
 
     python benchmarks/bench_score.py [--bfm DIR] [--n-identities 301] [--open3d-sample 20]
+        [--engine auto|numba|kdtree] [--compare-engines]
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ def main(argv=None) -> int:
     ap.add_argument("--prediction-scale", type=float, default=0.5,
                     help="std of the predictions' coefficients, in BFM standard deviations (references: 1)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--engine", default="auto", choices=["auto", "numba", "kdtree"],
+                    help="exhaustive nearest-vertex search of v2m_bench.icp (auto: numba when it imports)")
+    ap.add_argument("--compare-engines", action="store_true",
+                    help="also time the other engine on the same case and check the scores are identical")
     args = ap.parse_args(argv)
 
     from v2m_bench import load_bfm
@@ -129,11 +134,25 @@ def main(argv=None) -> int:
           f"(built in {t_build:.1f} s; RSS with the data {rss_data:.0f} MB); regions "
           + ", ".join(f"{k} {int(v.sum())}" for k, v in regions.items()))
 
+    from v2m_bench.icp import _exact_engine
+
+    engine = "numba" if (args.engine != "kdtree" and _exact_engine(args.engine) is not None) else "kdtree"
+    # compile (or load from numba's cache) before timing: a one-off per installation, reported apart
+    w0 = time.perf_counter()
+    icp_scores(preds[:1], refs[:1], model.triangles, regions, engine=engine)
+    print(f"engine {engine}: warm-up on one mesh (includes numba compilation or cache load) {time.perf_counter() - w0:.2f} s")
     c0, w0 = time.process_time(), time.perf_counter()
-    glob, parts = icp_scores(preds, refs, model.triangles, regions, group=group, threads=args.threads)
+    glob, parts = icp_scores(preds, refs, model.triangles, regions, group=group, threads=args.threads, engine=engine)
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     rss_peak = _rss_mb()
-    print(f"v2m_bench.icp.icp_scores (global + {len(regions)} part ICPs): wall {wall:.2f} s, CPU {cpu:.2f} s, "
+    if args.compare_engines:
+        other = "kdtree" if engine == "numba" else "numba"
+        c1, w1 = time.process_time(), time.perf_counter()
+        g2, p2 = icp_scores(preds, refs, model.triangles, regions, group=group, threads=args.threads, engine=other)
+        same = np.array_equal(g2.rmse, glob.rmse) and all(np.array_equal(p2[k].rmse, parts[k].rmse) for k in parts)
+        print(f"engine {other}: wall {time.perf_counter() - w1:.2f} s, CPU {time.process_time() - c1:.2f} s; "
+              f"scores identical to {engine}: {same}")
+    print(f"v2m_bench.icp.icp_scores ({engine}; global + {len(regions)} part ICPs): wall {wall:.2f} s, CPU {cpu:.2f} s, "
           f"{wall / len(preds) * 1e3:.1f} ms per prediction; peak RSS {rss_peak:.0f} MB "
           f"(+{rss_peak - rss_data:.0f} MB over the data)")
     print(f"  global RMSE mean {glob.rmse.mean():.4f} mm (min {glob.rmse.min():.4f}, max {glob.rmse.max():.4f}); "

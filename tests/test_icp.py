@@ -311,3 +311,98 @@ def test_torch_backend_matches_numpy(small_model):
     b, bp = icp_scores(preds, refs, small_model.triangles, {"half": mask}, group=group, nearest="walk", device="cpu")
     np.testing.assert_allclose(b.rmse, a.rmse, rtol=1e-5)
     np.testing.assert_allclose(bp["half"].rmse, ap["half"].rmse, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ exhaustive search engines
+def _folded_sheet(n_side=20, seed=0):
+    """A grid sheet folded back over itself (like lips or an eyelid), plus duplicated vertices:
+    the walk alone misses the nearest vertex there, and duplicates make exact distance ties."""
+    u = np.linspace(-1.0, 1.0, n_side)
+    gx, gy = np.meshgrid(u, u)
+    # fold along y: the upper half bends back under the lower half, 1.5 mm apart
+    z = np.where(gy > 0, -1_500.0 * gy, 0.0)
+    yy = np.where(gy > 0, -gy * 0.9, gy)
+    v = np.stack([40_000.0 * gx, 40_000.0 * yy, z + 300.0 * np.sin(5 * gx)], -1).reshape(-1, 3)
+    idx = np.arange(n_side * n_side).reshape(n_side, n_side)
+    a, b, c, d = idx[:-1, :-1], idx[:-1, 1:], idx[1:, :-1], idx[1:, 1:]
+    tri = np.concatenate([np.stack([a, b, d], -1).reshape(-1, 3), np.stack([a, d, c], -1).reshape(-1, 3)])
+    # duplicate a few vertices exactly (a second strip of triangles on the copies)
+    dup = np.arange(5)
+    v = np.concatenate([v, v[dup]])
+    extra = np.stack([n_side * n_side + dup[:-1], n_side * n_side + dup[1:], idx[1, 1:5]], -1)
+    return v, np.concatenate([tri, extra])
+
+
+def _brute_nearest(points, q):
+    """Exhaustive nearest vertex in float64 from float32 coordinates, lowest id on ties."""
+    x = points.astype(np.float32).astype(np.float64)
+    qq = q.astype(np.float32).astype(np.float64)
+    d = ((x[:, None, :] - qq[None, :, :]) ** 2).sum(-1)
+    return d.argmin(axis=1)
+
+
+@pytest.mark.parametrize("engine", ["numba", "kdtree"])
+def test_exhaustive_engines_find_the_exact_nearest_vertex(engine):
+    pytest.importorskip("numba") if engine == "numba" else None
+    from v2m_bench import icp as icp_mod
+
+    v, tri = _folded_sheet()
+    n = v.shape[0]
+    rng = np.random.default_rng(3)
+    q32 = (v - v.mean(0)).astype(np.float32)[None]
+    # points near the surface, on both sheets of the fold, and far away; starts anywhere
+    pts = q32[0][rng.integers(0, n, 2000)] + rng.normal(scale=[2_000, 2_000, 1_200], size=(2000, 3))
+    pts = np.concatenate([pts, rng.normal(scale=60_000, size=(200, 3)), q32[0][:5]]).astype(np.float32)
+    start = rng.integers(0, n, pts.shape[0])
+    plan = icp_mod._make_plan(tri.astype(np.int64), n, {}, DEFAULT_ICP_CONFIG)
+    kernel = icp_mod._exact_engine(engine)
+    search = icp_mod._make_trees(q32, plan.glob.graph.nbr, kernel, DEFAULT_ICP_CONFIG.max_walk_steps)
+    got = search.query(pts[None], np.array([0]), start[None])[0]
+    want = _brute_nearest(pts, q32[0])
+    if engine == "numba":
+        np.testing.assert_array_equal(got, want)  # the lowest id wins exact ties
+    else:  # the k-d tree breaks exact ties its own way: compare distances
+        d = lambda i: ((pts.astype(np.float64) - q32[0][i].astype(np.float64)) ** 2).sum(1)  # noqa: E731
+        np.testing.assert_array_equal(d(got), d(want))
+    # the walk alone is not exhaustive on this sheet: the check above is not trivially satisfied
+    walk = nearest_vertices(pts, q32[0], tri, start=start)[0]
+    assert (walk != want).sum() > 20
+
+
+def test_numba_and_kdtree_engines_give_the_same_scores(small_model):
+    pytest.importorskip("numba")
+    from v2m_bench.topology import bfm_regions  # noqa: F401 - regions below are built by hand
+
+    ref = _faces(small_model, 2, seed=11)
+    pred = _faces(small_model, 6, seed=12, scale=0.6)
+    n = small_model.n_vertices
+    regions = {"left": small_model.mean[:, 0] > 0, "band": np.abs(small_model.mean[:, 1]) < 0.3 * np.ptp(small_model.mean[:, 1])}
+    group = np.repeat([0, 1], 3)
+    out = {}
+    for engine in ("numba", "kdtree"):
+        out[engine] = icp_scores(pred, ref, small_model.triangles, regions, group=group, engine=engine, return_distances=True)
+    (ga, pa), (gb, pb) = out["numba"], out["kdtree"]
+    np.testing.assert_array_equal(ga.rmse, gb.rmse)
+    np.testing.assert_array_equal(ga.nearest, gb.nearest)
+    for k in regions:
+        np.testing.assert_array_equal(pa[k].rmse, pb[k].rmse)
+        np.testing.assert_array_equal(pa[k].rotation, pb[k].rotation)
+    assert ga.rmse.min() > 0 and n == ga.nearest.shape[1]
+
+
+def test_engine_choice_is_validated_and_falls_back_without_numba(small_model, monkeypatch):
+    import sys
+
+    from v2m_bench import icp as icp_mod
+
+    ref = _faces(small_model, 1, seed=1)
+    with pytest.raises(ValidationError, match="engine"):
+        icp_rmse(ref, ref, small_model.triangles, engine="fast")
+    monkeypatch.setitem(sys.modules, "v2m_bench._nnkernel", None)  # as if numba were not installed
+    assert icp_mod._exact_engine(None) is None
+    with pytest.raises(ValidationError, match="numba is not installed"):
+        icp_rmse(ref, ref, small_model.triangles, engine="numba")
+    pred = _faces(small_model, 1, seed=2)
+    fallback = icp_rmse(pred, ref, small_model.triangles).rmse
+    monkeypatch.delitem(sys.modules, "v2m_bench._nnkernel")
+    np.testing.assert_array_equal(fallback, icp_rmse(pred, ref, small_model.triangles, engine="kdtree").rmse)

@@ -20,14 +20,14 @@ Global score, per prediction against the reference of its group
    iterate. Samples are independent: a stopped sample is frozen, so its result never depends on
    the rest of the batch.
 3. **Score.** Every vertex of the aligned prediction gets the signed distance to the tangent plane
-   of its nearest reference vertex (exhaustive search, a k-d tree per reference), ``d = n . (x - q)``
+   of its nearest reference vertex (exhaustive search, see below), ``d = n . (x - q)``
    (positive: in front of the reference surface); the RMSE over all vertices is reported in
    millimetres (BFM units are micrometres).
 
 **Part RMSE**, per region (boolean vertex mask): the same ICP started from the global transform,
 on at most ``part_iteration_vertices`` iteration vertices of the region (same hash order), with
 the rotation linearised about the region's reference centroid; nearest vertices are searched among
-the region's reference vertices only, exhaustively (a k-d tree per region and reference); the
+the region's reference vertices only, exhaustively (a search index per region and reference); the
 RMSE is over the region's vertices.
 
 **Nearest vertex of the global ICP iterations.** The topologies match, so after the correspondence fit the
@@ -43,8 +43,15 @@ walk stays on the corresponding surface sheet; the iterations tolerate it (the R
 on average), the reported score does not use it (``IcpConfig.score_nearest``). With
 ``score_nearest="walk"`` the all-vertex score walks too, in breadth-first layers from the
 iteration vertices, each vertex starting from the closer of an adjacent solved vertex's answer
-and that answer shifted by the vertex-id offset. ``nearest="exact"`` uses k-d trees everywhere,
+and that answer shifted by the vertex-id offset. ``nearest="exact"`` searches exhaustively everywhere,
 ``nearest="walk"`` the walk everywhere (parts included).
+
+**Exhaustive search** (``engine``). Two implementations give the same nearest vertices (up to
+exact distance ties, where the compiled one takes the lowest vertex id): a compiled kernel
+(:mod:`v2m_bench._nnkernel`, numba, used when it imports; numba comes with the project through
+librosa) that walks from a start vertex to bound the distance, then checks every vertex of a
+depth-sorted column grid within that bound; and scipy k-d trees (the fallback). The kernel is
+about three times faster per query.
 
 Implementation: per-reference tables (centred float32 positions, normals, and each vertex's edge
 vectors to its candidates) are built once and shared by all predictions of that reference; points
@@ -703,7 +710,7 @@ def _icp_iterations(be, tab, p_it, q_it, base, r, s, t, c, pivot, with_scale, ma
                        be.int_index(bb), cfg.max_walk_steps)
             cc = be.host(cc).reshape(act.size, S)
         else:
-            cc = trees.query(x.astype(np.float32), base[act] // tab.n)
+            cc = trees.query(x.astype(np.float32), base[act] // tab.n, best_c[act])
         qn = be.host(be.gather(tab.qn, be.int_index(bb + cc.reshape(-1)))).reshape(act.size, S, 6).astype(np.float64)
         nrm = qn[..., 3:]
         res = _dot3(x - qn[..., :3], nrm)
@@ -826,7 +833,7 @@ def _new_out(b, m, want):
     )
 
 
-def _process_chunk(be, plan: _Plan, pred, ref, samples, refs_in_chunk, group, with_scale, cfg, outs, want, exact):
+def _process_chunk(be, plan: _Plan, pred, ref, samples, refs_in_chunk, group, with_scale, cfg, outs, want, exact, kernel=None):
     """Score the predictions ``samples`` (all of whose references are ``refs_in_chunk``)."""
     n = plan.n
     upm = cfg.units_per_mm
@@ -866,10 +873,10 @@ def _process_chunk(be, plan: _Plan, pred, ref, samples, refs_in_chunk, group, wi
     base = gl * n
     q_gl = q32[gl]  # (a, N, 3) float32
     c0 = np.broadcast_to(it, (a, it.size))
-    gtrees = _Trees(q32) if exact else None
+    gtrees = _make_trees(q32, gp.nbr, kernel, cfg.max_walk_steps) if (exact or cfg.score_nearest == "exact") else None
     r, s, t, iters, conv, c_it = _icp_iterations(
         be, tab, p[:, it].astype(np.float64), q_gl[:, it].astype(np.float64), base, r, s, t, c0, np.zeros((a, 3)),
-        with_scale, cfg.max_iterations, cfg, gtrees,
+        with_scale, cfg.max_iterations, cfg, gtrees if exact else None,
     )
     # 3. score every vertex
     if exact or cfg.score_nearest == "exact":
@@ -882,7 +889,7 @@ def _process_chunk(be, plan: _Plan, pred, ref, samples, refs_in_chunk, group, wi
         ids = part.ids
         m = ids.size
         use_trees = exact or cfg.part_nearest == "exact"
-        trees = _Trees(q32[:, ids]) if use_trees else None
+        trees = _make_trees(q32[:, ids], part.graph.nbr, kernel, cfg.max_walk_steps) if use_trees else None
         if use_trees:
             pedges = None
         else:
@@ -918,6 +925,78 @@ def _apply(p, r, s, t) -> np.ndarray:
     return _transform(p, r, s, t, np.float32)
 
 
+def _exact_engine(name: str | None):
+    """The exhaustive nearest-vertex search: the compiled grid search (numba) or scipy k-d trees.
+
+    ``None``/"auto": numba when it imports (it comes with the project's librosa), else k-d trees.
+    Both are exhaustive: the choice changes the time, not the result (up to exact distance ties).
+    """
+    if name in (None, "auto", "numba"):
+        import importlib
+
+        try:
+            _nnkernel = importlib.import_module(f"{__package__}._nnkernel")
+        except ImportError:
+            if name == "numba":
+                raise ValidationError("numba is not installed (pip install numba)", key="engine") from None
+            return None
+        return _nnkernel
+    if name == "kdtree":
+        return None
+    raise ValidationError(f"expected 'auto', 'numba' or 'kdtree', found {name!r}", key="engine")
+
+
+def _make_trees(q32, nbr, kernel, max_steps):
+    return _Trees(q32) if kernel is None else _Grids(q32, nbr, kernel, max_steps)
+
+
+class _Grids:
+    """Exact nearest vertices with the compiled column-grid search (see ``_nnkernel``).
+
+    q32 (G, n, 3) float32 reference vertices. Same interface as :class:`_Trees`, plus starts (the
+    first distance bound of each point; default: the corresponding vertex).
+    """
+
+    def __init__(self, q32, nbr, kernel, max_steps):
+        self.q32 = np.ascontiguousarray(q32, dtype=np.float32)
+        self.nbr = np.ascontiguousarray(nbr, dtype=np.int64)
+        self.kernel = kernel
+        self.max_steps = int(max_steps)
+        g, n, _ = self.q32.shape
+        grids = []
+        for i in range(g):
+            # column edge: about five vertex spacings of a surface seen along its depth axis (any
+            # value gives the same answers; this one was the fastest on BFM faces)
+            q = self.q32[i]
+            ext = np.sort((q.max(axis=0) - q.min(axis=0)).astype(np.float64))[::-1]
+            cell = 5.0 * float(np.sqrt(ext[0] * ext[1] / max(n, 1))) or 1.0
+            grids.append(self.kernel.build_grid(self.q32[i], cell))
+        cmax = max(gr[4].size for gr in grids)
+        self.axes = np.stack([gr[0] for gr in grids]).astype(np.int64)
+        self.origin = np.stack([gr[1] for gr in grids]).astype(np.float64)
+        self.dims = np.stack([gr[2] for gr in grids]).astype(np.int64)
+        self.cell = np.array([gr[3] for gr in grids], np.float64)
+        self.starts = np.zeros((g, cmax), np.int32)
+        for i, gr in enumerate(grids):
+            self.starts[i, : gr[4].size] = gr[4]
+        self.items = np.stack([gr[5] for gr in grids]).astype(np.int32)
+        self.coords = np.stack([gr[6] for gr in grids]).astype(np.float32)
+
+    def query(self, x, gl, start=None) -> np.ndarray:
+        a, s = x.shape[:2]
+        chain = start is None
+        if start is None:
+            start = np.broadcast_to(np.arange(s, dtype=np.int64) % self.q32.shape[1], (a, s))
+        out = self.kernel.nearest_exact(
+            np.ascontiguousarray(x.reshape(-1, 3), dtype=np.float32),
+            np.repeat(np.asarray(gl, dtype=np.int64), s),
+            np.ascontiguousarray(start, dtype=np.int64).reshape(-1),
+            self.q32, self.nbr, self.axes, self.origin, self.dims, self.cell, self.starts, self.items, self.coords, chain,
+            self.max_steps,
+        )
+        return out.reshape(a, s)
+
+
 class _Trees:
     """Exact nearest vertices with one k-d tree per reference (built on first use)."""
 
@@ -925,7 +1004,7 @@ class _Trees:
         self.q32 = q32
         self.trees = {}
 
-    def query(self, x, gl) -> np.ndarray:
+    def query(self, x, gl, start=None) -> np.ndarray:
         from scipy.spatial import cKDTree
 
         out = np.empty(x.shape[:2], np.int64)
@@ -942,9 +1021,11 @@ class _Trees:
 def _exact_pass(q32, nrm, gl, x_all, trees=None):
     trees = trees or _Trees(q32)
     near = trees.query(x_all, gl)
-    q = np.take_along_axis(q32[gl], near[..., None], axis=1)
-    nv = np.take_along_axis(nrm[gl], near[..., None], axis=1)
-    d = _dot3(x_all - q, nv)
+    g, n, _ = q32.shape
+    flat = (np.asarray(gl, dtype=np.int64)[:, None] * n + near).reshape(-1)
+    be = _Numpy()
+    qn = be.gather(be.rows(np.concatenate([q32, nrm], axis=2).reshape(-1, 6)), flat).reshape(near.shape + (6,))
+    d = _dot3(x_all - qn[..., :3], qn[..., 3:])
     return near, d.astype(np.float32, copy=False)
 
 
@@ -1051,6 +1132,7 @@ def icp_scores(
     device=None,
     threads: int | None = None,
     progress: bool = False,
+    engine: str | None = None,
 ) -> tuple[IcpResult, dict[str, IcpResult]]:
     """Global ICP point-to-plane RMSE and part RMSE in one pass (shares the per-reference work).
 
@@ -1081,6 +1163,10 @@ def icp_scores(
         not depend on it.
     progress : bool
         Show a progress bar (tqdm) when on a terminal.
+    engine : {None, "auto", "numba", "kdtree"}
+        The exhaustive nearest-vertex search: the compiled walk + grid search (numba, the default
+        when it imports; it is installed with the project) or scipy k-d trees. Both are exact, so
+        the scores are the same (up to exact distance ties); numba is several times faster.
 
     Returns
     -------
@@ -1100,6 +1186,7 @@ def icp_scores(
     if nearest == "walk":
         config = replace(config, score_nearest="walk", part_nearest="walk")
     be = _backend(device)
+    kernel = _exact_engine(engine)
     plan = _make_plan(tri, n, regs, config)
     want = bool(return_distances)
     outs = [_new_out(b, n, want)] + [_new_out(b, part.ids.size, want) for part in plan.parts]
@@ -1115,7 +1202,7 @@ def icp_scores(
         chunks.append((sel, refs_c))
 
     def work(ch):
-        _process_chunk(be, plan, pred, ref, ch[0], ch[1], grp, with_scale, config, outs, want, nearest == "exact")
+        _process_chunk(be, plan, pred, ref, ch[0], ch[1], grp, with_scale, config, outs, want, nearest == "exact", kernel)
         return ch[0].size
 
     nthreads = threads if threads is not None else min(os.cpu_count() or 1, 8)
@@ -1153,7 +1240,7 @@ def icp_scores(
 
 def icp_rmse(pred, ref, triangles, *, group=None, with_scale: bool = False, config: IcpConfig = DEFAULT_ICP_CONFIG,
              return_distances: bool = False, nearest: str | None = None, device=None, threads: int | None = None,
-             progress: bool = False) -> IcpResult:
+             progress: bool = False, engine: str | None = None) -> IcpResult:
     """ICP point-to-plane RMSE (mm) of each prediction against its reference.
 
     See :func:`icp_scores` for the parameters and the module docstring / docs/metrics.md for the
@@ -1161,12 +1248,12 @@ def icp_rmse(pred, ref, triangles, *, group=None, with_scale: bool = False, conf
     """
     return icp_scores(pred, ref, triangles, None, group=group, with_scale=with_scale, config=config,
                       return_distances=return_distances, nearest=nearest, device=device, threads=threads,
-                      progress=progress)[0]
+                      progress=progress, engine=engine)[0]
 
 
 def part_rmse(pred, ref, triangles, regions: Mapping[str, Any], *, group=None, with_scale: bool = False,
               config: IcpConfig = DEFAULT_ICP_CONFIG, return_results: bool = False, nearest: str | None = None,
-              device=None, threads: int | None = None, progress: bool = False) -> dict:
+              device=None, threads: int | None = None, progress: bool = False, engine: str | None = None) -> dict:
     """Part RMSE: a local ICP per region started from the global alignment, RMSE over the region.
 
     Parameters are those of :func:`icp_scores`; ``regions`` maps a part name to a boolean vertex
@@ -1177,7 +1264,7 @@ def part_rmse(pred, ref, triangles, regions: Mapping[str, Any], *, group=None, w
         raise ValidationError("expected at least one region", key="regions")
     _, parts = icp_scores(pred, ref, triangles, regions, group=group, with_scale=with_scale, config=config,
                           return_distances=return_results, nearest=nearest, device=device, threads=threads,
-                          progress=progress)
+                          progress=progress, engine=engine)
     return parts if return_results else {k: v.rmse for k, v in parts.items()}
 
 
