@@ -36,8 +36,8 @@ from v2m_models.data import (
 )
 
 
-def build_tiny(root, n=8, seed=0, **world):
-    """A tiny world with the small model, built; returns the build folder."""
+def build_tiny(root, n=8, seed=0, crop_sizes=(32, 64), **world):
+    """A tiny world with the small model, built (face crops of ``crop_sizes``); returns the build folder."""
     model = make_small_model(0)
     opts = dict(images_per_identity=3, videos_per_identity=2, utterances_per_video=2, duration=(0.8, 1.4),
                  image_size=64, supersample=1)
@@ -47,7 +47,7 @@ def build_tiny(root, n=8, seed=0, **world):
     model.save(npz)
     out = root / "build"
     build(BuildConfig(voxceleb=str(root / "w"), vggface=str(root / "w" / "vggface"), out=str(out), bfm=str(npz),
-                      detector="precomputed", crop_sizes=(32, 64), identities_per_shard=3, progress=False),
+                      detector="precomputed", crop_sizes=tuple(crop_sizes), identities_per_shard=3, progress=False),
           log=lambda s: None)
     return out
 

@@ -608,6 +608,9 @@ class MobileNetV2(nn.Module):
         Width multiplier.
     dropout : float
         Dropout before the linear layer (0.2, as the reference regressors).
+    last_channels : int, optional
+        Width of the last 1x1 conv (the pooled feature size); default 1280 (or more for
+        ``width_mult > 1``). Smaller values make tiny networks for tests.
     early_index : int
         ``features[:early_index]`` produces the "early" feature map. The default 9 ends after
         the second block of the 64-channel stage (stride 16: 8x8 for a 120x120 input), the
@@ -635,12 +638,16 @@ class MobileNetV2(nn.Module):
         dropout: float = 0.2,
         early_index: int = 9,
         setting: Sequence[Sequence[int]] = MOBILENET_V2_SETTING,
+        last_channels: int | None = None,
     ):
         super().__init__()
         if width_mult <= 0:
             raise ValidationError(f"width_mult must be positive, got {width_mult}", key="width_mult")
+        if last_channels is not None and int(last_channels) < 1:
+            raise ValidationError(f"last_channels must be positive, got {last_channels}", key="last_channels")
         cin = _make_divisible(32 * width_mult)
-        self.feature_dim = _make_divisible(1280 * max(1.0, width_mult))
+        self.width_mult = float(width_mult)
+        self.feature_dim = int(last_channels) if last_channels is not None else _make_divisible(1280 * max(1.0, width_mult))
         layers: list[nn.Module] = [_conv_bn_relu6(3, cin, kernel=3, stride=2)]
         channels = [cin]
         strides = [2]
