@@ -50,6 +50,8 @@ __all__ = [
     "FaceTrunk",
     "Discriminator",
     "IdentityClassifier",
+    "FaceCritic",
+    "Frozen",
     "InvertedResidual",
     "MobileNetV2",
     "ImageTo3DMM",
@@ -531,6 +533,56 @@ class IdentityClassifier(nn.Module):
         torch.Tensor, shape (B, n_ids)
         """
         return self.head(self.trunk(images))
+
+
+class FaceCritic(nn.Module):
+    """One :class:`FaceTrunk` with both heads: real/fake ``Linear(64, 1)`` and identity
+    ``Linear(64, n_ids)`` (no biases), as Wen et al. train them (shared trunk, one pass).
+
+    Parameters
+    ----------
+    n_ids : int
+        Number of training identities.
+    channels : sequence of int
+        Trunk widths (:class:`FaceTrunk`).
+    """
+
+    def __init__(self, n_ids: int, channels: Sequence[int] = (32, 64, 128, 256, 512)):
+        super().__init__()
+        if int(n_ids) < 1:
+            raise ValidationError(f"need at least one identity, got {n_ids}", key="n_ids")
+        self.trunk = FaceTrunk(channels)
+        self.real_fake = nn.Linear(self.trunk.out_dim, 1, bias=False)
+        self.identity = nn.Linear(self.trunk.out_dim, int(n_ids), bias=False)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Real/fake logits (B, 1) and identity logits (B, n_ids) of faces (B, 3, 64, 64) in [-1, 1]."""
+        h = self.trunk(images)
+        return self.real_fake(h), self.identity(h)
+
+
+class Frozen(nn.Module):
+    """A pretrained module kept fixed: no gradients, always in eval mode (``train()`` is ignored).
+
+    Parameters
+    ----------
+    module : nn.Module
+        Available as ``.module``; calls are forwarded to it.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        self.module.requires_grad_(False)
+        self.module.eval()
+
+    def train(self, mode: bool = True) -> "Frozen":
+        super().train(False)
+        self.module.eval()
+        return self
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
