@@ -406,3 +406,13 @@ def test_engine_choice_is_validated_and_falls_back_without_numba(small_model, mo
     fallback = icp_rmse(pred, ref, small_model.triangles).rmse
     monkeypatch.delitem(sys.modules, "v2m_bench._nnkernel")
     np.testing.assert_array_equal(fallback, icp_rmse(pred, ref, small_model.triangles, engine="kdtree").rmse)
+
+
+def test_column_grid_orders_vertices_by_column_then_depth_then_id():
+    nnk = pytest.importorskip("v2m_bench._nnkernel")
+    rng = np.random.default_rng(0)
+    key = rng.integers(0, 300, 5000)
+    depth = rng.integers(0, 20, 5000).astype(np.float32)  # many equal depths: ids break the ties
+    starts, items = nnk._column_sort(key, depth, 300)
+    np.testing.assert_array_equal(items, np.lexsort((np.arange(5000), depth, key)))
+    np.testing.assert_array_equal(np.diff(starts), np.bincount(key, minlength=300))
