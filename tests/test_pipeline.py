@@ -243,21 +243,109 @@ def test_shard_array_lock_lets_jobs_share_but_refuses_a_full_build(tmp_path):
         pass
 
 
-@pytest.mark.xfail(reason="known defect: on this 2-core machine the dask build's train-00000.h5 differed from loky's "
-                   "in full-suite runs (2026-11-21); left open in issue 3", strict=False)
-def test_dask_backend_gives_the_same_bytes_as_loky(world, reference_build, tmp_path):
-    distributed = pytest.importorskip("distributed")
-    loky = tmp_path / "loky"
-    build(config_for(world, loky, workers=2, backend="loky"), log=quiet)
-    with distributed.LocalCluster(
+def blas_threads() -> list:
+    from threadpoolctl import threadpool_info
+
+    return sorted({lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"})
+
+
+def threaded_cluster(distributed):
+    """A dask cluster whose one worker runs two shards at once on threads of this process."""
+    return distributed.LocalCluster(
         n_workers=1, threads_per_worker=2, processes=False, protocol="tcp", host="127.0.0.1", scheduler_port=0,
         dashboard_address=None,
-    ) as cluster:
+    )
+
+
+def test_dask_backend_gives_the_same_bytes_as_loky(world, reference_build, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    loky = tmp_path / "loky"
+    build(config_for(world, loky, workers=2, backend="loky"), log=quiet)
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"), threaded_cluster(distributed) as cluster:
         dask_out = tmp_path / "dask"
         res = build(config_for(world, dask_out, backend="dask", scheduler=cluster.scheduler_address), log=quiet)
+        assert blas_threads() == [2]  # the shards' one-thread limit was lifted, not left behind
     assert res.shards_built == 3
     assert files_of(dask_out) == files_of(loky)
     assert files_of(loky) == files_of(reference_build[0])  # two loky workers == one in-process worker
+
+
+def test_blas_limit_holds_until_the_last_concurrent_shard_ends():
+    """The cause of the dask != loky bytes (issue 3): shards built on two threads of one process.
+
+    OpenBLAS rounds differently on 1 and 2 threads, and its thread count is process-wide: when the
+    first shard ended it restored 2 threads under the shard still computing (and the second one
+    then left the process on 1).
+    """
+    import threading
+
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from v2m_data.pipeline import _limit_threads
+
+    seen = []
+    a_in, a_out, b_in, b_checked = (threading.Event() for _ in range(4))
+
+    def shard_a():
+        with _limit_threads():
+            a_in.set()
+            assert b_in.wait(10)
+        a_out.set()
+
+    def shard_b():
+        assert a_in.wait(10)
+        with _limit_threads():
+            b_in.set()
+            assert a_out.wait(10)
+            seen.append(blas_threads())  # shard a has ended; shard b still computes
+        b_checked.set()
+
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        assert blas_threads() == [2]
+        threads = [threading.Thread(target=f) for f in (shard_a, shard_b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert b_checked.is_set()
+        assert seen == [[1]]
+        assert blas_threads() == [2]
+
+
+def test_shards_ending_at_different_times_on_threads_give_the_same_bytes(world, reference_build, tmp_path, monkeypatch):
+    """Two shards on the threads of one dask worker, the second one's audio and fit computed after
+    the first shard has ended (forced), with the process's BLAS on two threads outside shards."""
+    import threading
+
+    import v2m_data.pipeline as pipeline
+
+    distributed = pytest.importorskip("distributed")
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    ended = threading.Event()
+    started = []
+    lock = threading.Lock()
+    real_audio, real_write = pipeline.process_utterances, pipeline.write_shard
+
+    def audio(*a, **kw):
+        with lock:
+            started.append(threading.get_ident())
+            first = len(started) == 1
+        if not first:
+            ended.wait(30)  # let the first shard end before this one computes
+        return real_audio(*a, **kw)
+
+    def write(*a, **kw):
+        real_write(*a, **kw)
+        ended.set()
+
+    monkeypatch.setattr(pipeline, "process_utterances", audio)
+    monkeypatch.setattr(pipeline, "write_shard", write)
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"), threaded_cluster(distributed) as cluster:
+        out = tmp_path / "dask"
+        build(config_for(world, out, backend="dask", scheduler=cluster.scheduler_address), log=quiet)
+        assert blas_threads() == [2]
+    assert len(set(started[:2])) == 2  # two shards overlapped on two threads
+    assert files_of(out) == files_of(reference_build[0])
 
 
 def test_shard_array_jobs_and_merge_equal_a_single_build(world, reference_build, tmp_path):

@@ -30,7 +30,8 @@ Stages
 Determinism, resume, faults
 ---------------------------
 Shards are independent; each one's content depends only on its inputs and the parameters (its
-``fingerprint``), never on the worker, backend or order, and nothing time-dependent is written,
+``fingerprint``), never on the worker, backend, thread count or order (every shard is computed
+with BLAS on one thread, see below), and nothing time-dependent is written,
 so the same inputs give the same bytes (loky, dask, shard arrays, a resumed build alike).
 Execution settings (workers, backend, scheduler, job array) are not recorded in the files. A
 rerun skips every shard whose file exists with the planned fingerprint; a killed build leaves at
@@ -44,8 +45,11 @@ Worker resources
 ----------------
 The landmark detector and the model are created once per worker process and reused for every
 shard that process builds (:func:`_resources`: a one-entry, process-local cache keyed by the
-detector settings and model path; this is the one deliberate piece of process state in the
-package, as the build issue asks for it).
+detector settings and model path; a deliberate piece of process state, as the build issue asks
+for it). The other one: the BLAS and OpenMP thread pools run on one thread while any shard of the
+process is being built (:class:`_OneBlasThread`), because OpenBLAS rounds differently on different
+thread counts; a lock and a depth count make that safe when one process builds several shards on
+threads (a dask worker with several threads).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -666,23 +671,85 @@ def rotation_to_angles(rotation) -> np.ndarray:
 
 
 def fit_images(landmarks: np.ndarray, system, config: FitConfig):
-    """One batched fit of all landmarks: :func:`v2m_data.fitting.fit_landmarks` on one thread."""
+    """One batched fit of all landmarks: :func:`v2m_data.fitting.fit_landmarks` on one thread, with
+    BLAS on one thread (:func:`_limit_threads`; the fit's bytes depend on the BLAS thread count)."""
     from .fitting import fit_landmarks
 
-    cfg = dataclasses.replace(config, n_threads=1)
-    return fit_landmarks(landmarks, system, cfg)
+    # the fit's own BLAS limiter is off: threadpoolctl would make this thread its controlling one
+    cfg = dataclasses.replace(config, n_threads=1, single_thread_blas=False)
+    with _limit_threads():
+        return fit_landmarks(landmarks, system, cfg)
 
 
-def _limit_threads():
-    """BLAS on one thread inside a shard (workers run in parallel; results must not depend on it)."""
-    try:
-        from threadpoolctl import threadpool_limits
+class _OneBlasThread:
+    """BLAS and OpenMP thread pools on one thread while any shard of this process is being built.
 
-        return threadpool_limits(1)
-    except ImportError:  # pragma: no cover
-        import contextlib
+    Why: OpenBLAS results depend on its thread count (the float32 ``(F, 513) @ (513, 64)`` mel
+    projection with F >= 64 frames, and the fit's products on a few hundred faces, round
+    differently on 1 and 2 threads), so every shard is computed with BLAS on one thread, wherever
+    it runs. OpenBLAS's pool (pthreads build) is process-wide, and shards may run on several
+    threads of one process (a dask worker with ``threads_per_worker > 1``). A plain
+    ``threadpool_limits(1)`` per shard is then wrong twice: threadpoolctl (>= 3.6) lets only one
+    "controlling" thread change OpenBLAS and silently ignores the others, and the first shard to
+    finish restores the original thread count while the other shards still compute (their bytes
+    then depend on timing; the last one then "restores" the 1 it saw on entry and leaves the
+    process on one thread). Here the first shard in sets every process-wide pool to one thread
+    and the last one out restores it, under a lock, setting the libraries directly (any thread
+    may); pools whose limit is per thread (OpenMP, OpenBLAS built on OpenMP) are set by each
+    shard's own thread and restored by it. The depth count and the saved limits are the second
+    deliberate piece of process state of this module (see the module docs).
+    """
 
-        return contextlib.nullcontext()
+    _lock = threading.Lock()
+    _depth = 0
+    _saved: tuple = ()
+
+    @staticmethod
+    def _controllers() -> list:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # pragma: no cover - installed with scikit-learn (a librosa dependency)
+            raise V2MError("the build needs threadpoolctl (pip install threadpoolctl)") from None
+        return list(ThreadpoolController().lib_controllers)
+
+    @staticmethod
+    def _per_thread(lib) -> bool:
+        return lib.user_api == "openmp" or getattr(lib, "threading_layer", None) == "openmp"
+
+    @staticmethod
+    def _set(lib, n: int) -> None:
+        # threadpoolctl's own setter without its one-controlling-thread rule for OpenBLAS
+        getattr(lib, "_real_set_num_threads", lib.set_num_threads)(int(n))
+
+    def __enter__(self) -> "_OneBlasThread":
+        cls = type(self)
+        libs = self._controllers()
+        with cls._lock:
+            if cls._depth == 0:
+                cls._saved = tuple((lib, lib.num_threads) for lib in libs if not self._per_thread(lib))
+                for lib, _ in cls._saved:
+                    self._set(lib, 1)
+            cls._depth += 1
+        self._mine = tuple((lib, lib.num_threads) for lib in libs if self._per_thread(lib))
+        for lib, _ in self._mine:
+            self._set(lib, 1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        cls = type(self)
+        for lib, n in self._mine:
+            self._set(lib, n)
+        with cls._lock:
+            cls._depth -= 1
+            if cls._depth == 0:
+                saved, cls._saved = cls._saved, ()
+                for lib, n in saved:
+                    self._set(lib, n)
+
+
+def _limit_threads() -> _OneBlasThread:
+    """BLAS on one thread inside a shard, also when shards run on threads (:class:`_OneBlasThread`)."""
+    return _OneBlasThread()
 
 
 def build_shard(task: ShardTask) -> dict:
