@@ -1,9 +1,12 @@
-"""``v2m-train``: train the voice encoder and the supervised voice -> 3DMM model.
+"""``v2m-train``: train the voice encoder, the supervised voice -> 3DMM model, the image -> 3DMM
+teacher and the unsupervised (GAN + distilled student) model.
 
 ::
 
     v2m-train voice-encoder --data BUILD --out encoder.pt [options]
     v2m-train supervised --data BUILD --out supervised.pt [--encoder encoder.pt] [--freeze-encoder]
+    v2m-train teacher --data BUILD --out teacher.pt
+    v2m-train unsupervised --data BUILD --encoder encoder.pt --teacher teacher.pt --out unsup.pt --kd pkt
     torchrun --nproc-per-node 4 -m v2m_cli.train supervised ...          # multi-GPU (DDP)
 
 Every trainer takes --iterations, --batch-size, --lr, --device, --seed and --resume; CUDA (with
@@ -19,6 +22,8 @@ import dataclasses
 import click
 
 from v2m_models.supervised import SupervisedConfig, VoiceEncoderConfig
+from v2m_models.teacher import TeacherConfig
+from v2m_models.unsupervised import UnsupervisedConfig
 
 from ._common import UserError, progress_enabled, user_errors
 
@@ -39,8 +44,28 @@ def _channels(value):
     return out
 
 
-def common_options(cls):
-    """The options every trainer shares (defaults from the config dataclass ``cls``)."""
+def _widths(n: int):
+    def parse(ctx, param, value):
+        if value is None or isinstance(value, tuple):
+            return value
+        try:
+            out = tuple(int(x) for x in str(value).split(","))
+        except ValueError:
+            raise click.BadParameter(f"expected {n} comma-separated integers, got {value!r}") from None
+        if len(out) != n or any(c < 1 for c in out):
+            raise click.BadParameter(f"expected {n} positive comma-separated integers, got {value!r}")
+        return out
+
+    return parse
+
+
+#: Options of the voice data pipeline (left out for the image-only teacher).
+VOICE_OPTIONS = frozenset({"bank_dtype", "workers", "min_frames", "max_frames", "sampling", "encoder_channels"})
+
+
+def common_options(cls, exclude=frozenset()):
+    """The options every trainer shares (defaults from the config dataclass ``cls``), except the
+    config fields named in ``exclude``."""
     d = _defaults(cls)
 
     def deco(fn):
@@ -83,6 +108,10 @@ def common_options(cls):
             click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal)."),
         ]
         for o in reversed(opts):
+            probe = o(lambda: None)
+            name = probe.__click_params__[0].name
+            if name in exclude:
+                continue
             fn = o(fn)
         return fn
 
@@ -133,7 +162,8 @@ def _report(result, log) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main():
-    """Train voice2mesh models (voice encoder, supervised voice -> 3DMM).
+    """Train voice2mesh models (voice encoder, supervised voice -> 3DMM, image -> 3DMM teacher,
+    unsupervised GAN + distilled student).
 
     Multi-GPU: run under torchrun (``torchrun --nproc-per-node N -m v2m_cli.train ...``); each
     process reads RANK / WORLD_SIZE / LOCAL_RANK.
@@ -177,7 +207,67 @@ def supervised(ctx, **params):
     _report(train_supervised(cfg, out, resume=resume, log=_log), _log)
 
 
-__all__ = ["main", "UserError"]
+@main.command("teacher")
+@common_options(TeacherConfig, exclude=VOICE_OPTIONS)
+@click.option("--width-mult", type=float, default=1.0, show_default=True, help="MobileNetV2 width multiplier.")
+@click.option("--last-channels", type=click.IntRange(min=1), default=None, help="Width of the last conv (default 1280).")
+@click.option("--dropout", type=float, default=0.2, show_default=True, help="Dropout before the linear layer.")
+@click.option("--face-size", type=click.IntRange(min=32), default=120, show_default=True,
+              help="Input crop size (the build must have stored it).")
+@click.option("--max-residual", type=float, default=0.0, show_default=True,
+              help="Train on fits with residual_normalized <= this (0: every converged fit).")
+@click.option("--pose-weight", type=float, default=1.0, show_default=True, help="Loss weight of the 12 pose entries.")
+@click.option("--val-images", type=click.IntRange(min=0), default=512, show_default=True,
+              help="Test images for the validation loss.")
+@click.pass_context
+@user_errors
+def teacher(ctx, **params):
+    """Train the image -> 3DMM teacher: MobileNetV2, 120x120 RGB crop -> 62 parameters (12 pose +
+    40 shape + 10 expression, normalised), L2, on the build's own (face crop, fitted parameters)
+    pairs of the training split."""
+    from v2m_models.teacher import train_teacher
+
+    cfg, out, resume = _config(ctx, TeacherConfig, params, _log)
+    _report(train_teacher(cfg, out, resume=resume, log=_log), _log)
+
+
+@main.command("unsupervised")
+@common_options(UnsupervisedConfig, exclude=frozenset({"encoder_channels"}))
+@click.option("--encoder", metavar="CKPT", default="", help="The pretrained voice encoder (v2m-train voice-encoder); frozen.")
+@click.option("--teacher", metavar="CKPT", default=None,
+              help="The image -> 3DMM teacher (v2m-train teacher, or a state dict of the same architecture).")
+@click.option("--kd", type=click.Choice(["pkt", "kd", "at", "sp", "cc", "rkd", "crd", "vid", "none"]), default="pkt",
+              show_default=True, help="Feature distillation loss; none: train the GAN alone (for the cascade baseline).")
+@click.option("--kd-weight", type=float, default=None, help="Override the distillation loss's default weight.")
+@click.option("--param-weight", type=float, default=1.0, show_default=True, help="Weight of the normalised-parameter L2.")
+@click.option("--mesh-weight", type=float, default=0.5, show_default=True,
+              help="Weight of the mesh L2 (mm^2; needs the morphable model; 0: off).")
+@click.option("--student-width", type=float, default=1.0, show_default=True, help="Student MobileNetV2 width multiplier.")
+@click.option("--student-last-channels", type=click.IntRange(min=1), default=None, help="Student's last conv width (1280).")
+@click.option("--generator-channels", callback=_widths(5), default=None, metavar="C0,..,C4",
+              help="Generator widths (default 1024,512,256,128,64).")
+@click.option("--trunk-channels", callback=_widths(5), default=None, metavar="C0,..,C4",
+              help="Discriminator/classifier trunk widths (default 32,64,128,256,512).")
+@click.option("--flip/--no-flip", default=True, show_default=True, help="Random horizontal flips of the real faces.")
+@click.option("--gan-weight", type=float, default=1.0, show_default=True, help="Weight of the generator's identity term.")
+@click.option("--crd-negatives", type=click.IntRange(min=1), default=16384, show_default=True, help="CRD negatives per sample.")
+@click.pass_context
+@user_errors
+def unsupervised(ctx, **params):
+    """Train the unsupervised model: GAN (frozen pretrained voice encoder -> 64x64 face generator,
+    discriminator, identity classifier) and a MobileNetV2 student on the generated faces
+    (upsampled to 120x120) distilled from the teacher: parameter and mesh L2 + the --kd loss.
+    Defaults: Adam 2e-4, betas 0.5/0.999, batch 64."""
+    from v2m_models.unsupervised import train_unsupervised
+
+    for k in ("generator_channels", "trunk_channels"):
+        if params.get(k) is None:
+            params.pop(k)
+    cfg, out, resume = _config(ctx, UnsupervisedConfig, params, _log)
+    _report(train_unsupervised(cfg, out, resume=resume, log=_log), _log)
+
+
+__all__ = ["main", "UserError", "common_options"]
 
 
 if __name__ == "__main__":  # pragma: no cover
