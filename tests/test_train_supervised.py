@@ -185,7 +185,7 @@ def test_shuffled_pairs_and_validation_metrics(tiny, tmp_path):
     out = tmp_path / "sh.pt"
     r = train_supervised(sup_config(tiny, iterations=2, shuffle_pairs=True, val_every=1), out)
     ck = load_checkpoint(out)
-    assert ck["task"]["shuffled"] is True
+    assert ck["task"]["shuffled"] is True and ck["task"]["shuffle_mode"] == "fixed"
     task_plain = SupervisedTask(sup_config(tiny))
     task_shuf = SupervisedTask(sup_config(tiny, shuffle_pairs=True))
     assert not np.array_equal(task_plain.tset.targets, task_shuf.tset.targets)
@@ -194,6 +194,39 @@ def test_shuffled_pairs_and_validation_metrics(tiny, tmp_path):
     assert "val_loss" in r.metrics and np.isfinite(r.metrics["val_loss"])
     m = read_metrics(tmp_path / "sh.metrics.csv")
     assert sorted(set(m[m.phase == "val"].iteration)) == [1, 2]
+
+
+def test_shuffle_mode_iteration_redraws_the_pairing_every_iteration(tiny, tmp_path):
+    from v2m_models.training import Run
+
+    with pytest.raises(ValidationError, match="shuffle_mode"):
+        sup_config(tiny, shuffle_pairs=True, shuffle_mode="sometimes")
+    cfg = sup_config(tiny, shuffle_pairs=True, shuffle_mode="iteration")
+    task = SupervisedTask(cfg)
+    plain = SupervisedTask(sup_config(tiny))
+    # the training set keeps its pairing; the permutation happens per iteration
+    assert np.array_equal(task.tset.targets, plain.tset.targets)
+    task.setup(Run(cfg, DistEnv(0, 1, 0), torch.device("cpu")))
+    table = torch.as_tensor(task._targets_normalised())
+    labels = torch.arange(len(task.tset.names))
+    t0, t0_again, t1 = (task._iteration_targets(labels, i) for i in (0, 0, 1))
+    assert torch.equal(t0, t0_again)  # a function of (seed, iteration): resumable
+    assert not torch.equal(t0, t1) and not torch.equal(t0, table)
+    rows = {tuple(r) for r in table.tolist()}
+    assert {tuple(r) for r in t0.tolist()} == rows and {tuple(r) for r in t1.tolist()} == rows  # permutations
+    # trained: recorded in the checkpoint, not the plain model, and resumed exactly
+    full = tmp_path / "it.pt"
+    train_supervised(sup_config(tiny, iterations=4, shuffle_pairs=True, shuffle_mode="iteration"), full)
+    half = tmp_path / "half.pt"
+    train_supervised(sup_config(tiny, iterations=2, shuffle_pairs=True, shuffle_mode="iteration"), half)
+    train_supervised(sup_config(tiny, iterations=4, shuffle_pairs=True, shuffle_mode="iteration"), half, resume=True)
+    a, b = load_checkpoint(full), load_checkpoint(half)
+    assert a["task"]["shuffled"] is True and a["task"]["shuffle_mode"] == "iteration"
+    assert same_state(a["modules"]["model"], b["modules"]["model"])
+    ref = tmp_path / "plain.pt"
+    train_supervised(sup_config(tiny, iterations=4), ref)
+    r = load_checkpoint(ref)
+    assert r["task"]["shuffle_mode"] == "" and not same_state(a["modules"]["model"], r["modules"]["model"])
 
 
 def test_voice_encoder_then_supervised_with_a_frozen_encoder(tiny, tmp_path):

@@ -24,8 +24,9 @@ Supervised
     values (``*_meanface``) beside them.
 
 Checkpoint ``task`` entries (kind ``"supervised"``): ``stats`` (coefficient mean/std),
-``classes`` (training identity names), ``n_fits``, ``shuffled``, ``target_rule``, ``encoder``
-(``channels``, ``normalize_embedding``), ``n_shape``, ``n_exp``, ``encoder_source``.
+``classes`` (training identity names), ``n_fits``, ``shuffled``, ``shuffle_mode`` (``""`` when not
+shuffled), ``target_rule``, ``encoder`` (``channels``, ``normalize_embedding``), ``n_shape``, ``n_exp``,
+``encoder_source``.
 :func:`load_predictor` turns such a checkpoint into a :class:`SupervisedPredictor`.
 """
 
@@ -68,7 +69,12 @@ __all__ = [
     "load_encoder",
     "embed_utterances",
     "find_bfm",
+    "SHUFFLE_MODES",
 ]
+
+
+#: How ``SupervisedConfig.shuffle_pairs`` breaks the voice/target pairing.
+SHUFFLE_MODES = ("fixed", "iteration")
 
 
 # ------------------------------------------------------------------------------------- configs
@@ -118,7 +124,17 @@ class SupervisedConfig(TrainConfig):
     target_fallback : bool
         Identities without frontal well-fitted images use all their valid fits.
     shuffle_pairs : bool
-        Debugging control: permute the identity -> target mapping of the training set.
+        Control experiment: break the pairing of training voices and target coefficients (the
+        voices then carry no information about the targets; a model that still beats the mean
+        face owes it to something other than the voice). How: ``shuffle_mode``.
+    shuffle_mode : {"fixed", "iteration"}
+        With ``shuffle_pairs``: ``"fixed"`` permutes the identity -> target mapping once (seeded by
+        ``seed``), so each voice keeps one wrong target for the whole run; ``"iteration"`` draws a
+        fresh permutation every iteration (seeded by ``(seed, iteration)``, so resuming is exact),
+        so no voice keeps any target and the best the model can do is the training-set mean. A
+        fixed permutation of few identities leaves a chance correlation between the voices and
+        their (wrong) targets (e.g. of gender: about ``1 / sqrt(identities)``), which a model
+        learns and carries to the test set; re-drawing removes it.
     expression_weight : float
         Weight of the expression coefficients in the loss (shape: 1).
     val_utterances : int
@@ -132,6 +148,7 @@ class SupervisedConfig(TrainConfig):
     target: str = "median"
     target_fallback: bool = False
     shuffle_pairs: bool = False
+    shuffle_mode: str = "fixed"
     expression_weight: float = 1.0
     val_utterances: int = 3
 
@@ -141,6 +158,8 @@ class SupervisedConfig(TrainConfig):
         TargetRule(method=self.target)  # validates
         if self.freeze_encoder and not self.encoder:
             raise ValidationError("freezing the encoder needs --encoder (a trained one)", key="freeze_encoder")
+        if self.shuffle_mode not in SHUFFLE_MODES:
+            raise ValidationError(f"must be one of {', '.join(SHUFFLE_MODES)}, got {self.shuffle_mode!r}", key="shuffle_mode")
         if not (self.expression_weight >= 0):
             raise ValidationError(f"must be >= 0, got {self.expression_weight}", key="expression_weight")
 
@@ -409,7 +428,7 @@ class SupervisedTask(_VoiceTask):
                 raise ValidationError("target 'reference' needs the BFM (its coefficient std): set V2M_BFM_DIR or --bfm", key="target")
             sstd, estd = bfm.shape_std, bfm.expression_std
         return training_set(self.train_split, with_targets=True, rule=rule, shape_std=sstd, expression_std=estd,
-                            shuffle_pairs=cfg.shuffle_pairs, seed=cfg.seed)
+                            shuffle_pairs=cfg.shuffle_pairs and cfg.shuffle_mode == "fixed", seed=cfg.seed)
 
     def _targets_normalised(self):
         return self.stats.normalise(self.tset.targets.astype(np.float32))
@@ -426,6 +445,9 @@ class SupervisedTask(_VoiceTask):
         w = torch.ones(50, device=run.device)
         w[40:] = float(cfg.expression_weight)
         self._w = w / w.mean()
+        self._targets_dev = None
+        if cfg.shuffle_pairs and cfg.shuffle_mode == "iteration":
+            self._targets_dev = torch.as_tensor(self._targets_normalised(), device=run.device)
         self._val = None
         self._bfm = None
         self._bfm_looked = False
@@ -444,10 +466,20 @@ class SupervisedTask(_VoiceTask):
 
         return torch.no_grad()
 
+    def _iteration_targets(self, labels, iteration: int):
+        """Normalised targets of ``labels`` under this iteration's permutation of the classes."""
+        import torch
+
+        g = torch.Generator()
+        g.manual_seed(int(np.random.SeedSequence([int(self.config.seed), 0x5F1, int(iteration)]).generate_state(1)[0]))
+        perm = torch.randperm(self._targets_dev.shape[0], generator=g).to(self._targets_dev.device)
+        return self._targets_dev[perm[labels]]
+
     def train_step(self, batch: dict, run: Run) -> dict:
+        target = batch["target"] if self._targets_dev is None else self._iteration_targets(batch["label"], run.iteration)
         with run.autocast():
             pred = self._forward(batch["features"])
-        sq = (pred.float() - batch["target"]) ** 2
+        sq = (pred.float() - target) ** 2
         loss = (sq * self._w).mean()
         run.optimize(loss, "model", self.optimizers["model"])
         sq = sq.detach()
@@ -505,7 +537,8 @@ class SupervisedTask(_VoiceTask):
             "stats": self.stats.to_dict(),
             "classes": list(self.tset.names),
             "n_fits": [int(x) for x in self.tset.n_fits],
-            "shuffled": bool(self.tset.shuffled),
+            "shuffled": bool(cfg.shuffle_pairs),
+            "shuffle_mode": cfg.shuffle_mode if cfg.shuffle_pairs else "",
             "target_rule": dataclasses.asdict(TargetRule(method=cfg.target, fallback=cfg.target_fallback)),
             "encoder": {"channels": list(cfg.encoder_channels), "normalize_embedding": bool(cfg.normalize_embedding)},
             "n_shape": 40,
