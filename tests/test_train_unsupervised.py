@@ -1,0 +1,215 @@
+"""The unsupervised pipeline (v2m_models.unsupervised, ``v2m-train unsupervised``): tiny synthetic
+world -> build -> voice encoder -> teacher -> GAN + student with each KD loss -> predictions.h5 ->
+v2m_bench.score; exact resume, frozen parts, the mesh loss, GAN-only mode, one-line errors.
+
+Tiny nets (narrow encoder, generator, trunk and MobileNetV2s), batches of 4, a few iterations, CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from test_models_data import build_tiny
+from test_train_supervised import enc_config, same, same_state, sup_config
+from test_train_teacher import teacher_config
+from v2m_bench import ScoreConfig, score
+from v2m_bench.errors import ValidationError
+from v2m_bench.formats import read_predictions
+from v2m_data.shards import open_dataset
+from v2m_models.kd import KD_NAMES
+from v2m_models.predict import predict
+from v2m_models.supervised import train_supervised, train_voice_encoder
+from v2m_models.teacher import train_teacher
+from v2m_models.training import load_checkpoint, read_metrics
+from v2m_models.unsupervised import (
+    UnsupervisedConfig,
+    UnsupervisedTask,
+    gan_training_set,
+    load_predictor,
+    mesh_gram,
+    train_unsupervised,
+)
+
+TINY_NETS = dict(student_width=0.25, student_last_channels=32, generator_channels=(32, 16, 16, 8, 8),
+                 trunk_channels=(8, 8, 8, 8, 8), crd_negatives=8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread (tiny convnets on a shared 2-core machine; restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A tiny world (half the identities in the test split) with a voice encoder and a teacher."""
+    root = tmp_path_factory.mktemp("unsup")
+    data = build_tiny(root, n=8, seed=2, crop_sizes=(64, 120), test_fraction=0.5)
+    enc = root / "enc.pt"
+    train_voice_encoder(enc_config(data, iterations=3), enc)
+    teacher = root / "teacher.pt"
+    train_teacher(teacher_config(data, iterations=3), teacher)
+    return data, enc, teacher
+
+
+def unsup_config(data, enc, teacher, **kw):
+    base = dict(data=str(data), encoder=str(enc), teacher=None if teacher is None else str(teacher), iterations=2, batch_size=4, device="cpu",
+                workers=0, min_frames=16, max_frames=40, log_every=1, val_every=0, ckpt_every=0, progress=False, seed=3,
+                **TINY_NETS)
+    base.update(kw)
+    return UnsupervisedConfig(**base)
+
+
+@pytest.mark.parametrize("kd", KD_NAMES)
+def test_each_kd_loss_runs_end_to_end_and_yields_valid_predictions(pipeline, tmp_path, kd, bfm):
+    data, enc, teacher = pipeline
+    ck = tmp_path / f"{kd}.pt"
+    r = train_unsupervised(unsup_config(data, enc, teacher, kd=kd), ck)
+    assert r.iteration == 2
+    assert all(np.isfinite(v) for v in r.train.values()) and "loss_kd" in r.train and "loss_mesh" in r.train
+    assert np.isfinite(r.metrics["val_kd_param"]) and "ER" in r.metrics and "ER_cascade" in r.metrics
+    c = load_checkpoint(ck)
+    assert c["kind"] == "unsupervised" and c["task"]["kd"] == kd and c["predictor"] == "v2m_models.unsupervised:load_predictor"
+    out = tmp_path / f"{kd}.h5"
+    res = predict(ck, data, out, device="cpu")
+    refs = open_dataset(data).references()
+    assert res.n_predictions == 3 * len(refs.identity)
+    p = read_predictions(out, n_vertices=None)
+    assert p.attrs["checkpoint_kind"] == "unsupervised" and np.isfinite(p.shape).all() and np.isfinite(p.expression).all()
+    rep = score(out, data / "references.h5", bfm, config=ScoreConfig(bootstrap=0, chance=False))
+    assert rep.n_predictions == res.n_predictions
+    assert all(np.isfinite(m.value) for m in rep.metrics.values())
+
+
+@pytest.mark.parametrize("kd", ["pkt", "crd"])
+def test_exact_resume(pipeline, tmp_path, kd):
+    data, enc, teacher = pipeline
+    full, half = tmp_path / "full.pt", tmp_path / "half.pt"
+    train_unsupervised(unsup_config(data, enc, teacher, kd=kd, iterations=4), full)
+    train_unsupervised(unsup_config(data, enc, teacher, kd=kd, iterations=2), half)
+    r = train_unsupervised(unsup_config(data, enc, teacher, kd=kd, iterations=4), half, resume=True)
+    assert r.start == 2 and r.iteration == 4
+    a, b = load_checkpoint(full), load_checkpoint(half)
+    assert set(a["modules"]) == {"encoder", "teacher", "generator", "critic", "student", "kd"}
+    for k in a["modules"]:
+        assert same_state(a["modules"][k], b["modules"][k]), k
+    assert same(a["optimizers"], b["optimizers"])
+    m = read_metrics(tmp_path / "half.metrics.csv")
+    assert m[(m.phase == "train") & (m.metric == "loss_student")].iteration.tolist() == [1, 2, 3, 4]
+    other = tmp_path / "other.pt"
+    train_unsupervised(unsup_config(data, enc, teacher, kd=kd, iterations=4, seed=8), other)
+    assert not same_state(a["modules"]["student"], load_checkpoint(other)["modules"]["student"])
+
+
+def test_pretrained_parts_stay_frozen_and_the_parts_learn(pipeline, tmp_path):
+    data, enc, teacher = pipeline
+    ck = tmp_path / "u.pt"
+    train_unsupervised(unsup_config(data, enc, teacher, iterations=3), ck)
+    c = load_checkpoint(ck)
+    e = load_checkpoint(enc)["modules"]["model"]
+    want = {k[len("encoder."):]: v for k, v in e.items() if k.startswith("encoder.")}
+    assert same_state({k[len("module."):]: v for k, v in c["modules"]["encoder"].items()}, want)
+    t = load_checkpoint(teacher)["modules"]["model"]
+    assert same_state({k[len("module."):]: v for k, v in c["modules"]["teacher"].items()}, t)
+    # the student starts from the teacher's statistics, not its weights, and moved
+    assert torch.equal(c["modules"]["student"]["param_mean"], t["param_mean"])
+    fresh = tmp_path / "zero.pt"
+    train_unsupervised(unsup_config(data, enc, teacher, iterations=1, lr=1e-12), fresh)
+    z = load_checkpoint(fresh)["modules"]
+    assert not same_state(c["modules"]["generator"], z["generator"])
+    assert not same_state(c["modules"]["student"], z["student"])
+
+
+def test_the_student_learns_the_teacher_on_generated_faces(pipeline, tmp_path):
+    data, enc, teacher = pipeline
+    ck = tmp_path / "s.pt"
+    train_unsupervised(unsup_config(data, enc, teacher, iterations=40, lr=2e-3, log_every=5, mesh_weight=0.0), ck)
+    m = read_metrics(tmp_path / "s.metrics.csv")
+    lp = m[(m.phase == "train") & (m.metric == "loss_param")].value.to_numpy()
+    # ~4e-4 -> ~1e-4 here; with a learning rate of 1e-7 it stays at ~8e-4
+    assert lp[-1] < 0.5 * lp[0], lp
+
+
+def test_mesh_gram_gives_the_mean_squared_vertex_distance(small_model):
+    rng = np.random.default_rng(0)
+    g = mesh_gram(small_model)
+    a = rng.normal(size=(3, 50)) * np.concatenate([small_model.shape_std, small_model.expression_std])
+    b = a + rng.normal(size=(3, 50)) * np.concatenate([small_model.shape_std, small_model.expression_std]) * 0.3
+    va = small_model.vertices(a[:, :40], a[:, 40:])
+    vb = small_model.vertices(b[:, :40], b[:, 40:])
+    want = (((va - vb) / 1000.0) ** 2).sum(-1).mean(-1)
+    d = a - b
+    assert np.allclose(np.einsum("bi,ij,bj->b", d, g, d), want, rtol=1e-6)
+
+
+def test_gan_training_set_pairs_voices_with_faces_of_the_same_identity(pipeline):
+    data, _, _ = pipeline
+    tr = open_dataset(data).split("train")
+    tset, images, face_labels = gan_training_set(tr)
+    ids_img = tr.images["identity"][images]
+    assert np.array_equal(tset.identities[face_labels], ids_img)
+    assert np.array_equal(tset.identities[tset.labels], tr.utterances["identity"][tset.utterances])
+    assert set(np.unique(face_labels)) == set(range(len(tset.names)))
+
+
+def test_gan_only_mode_and_errors(pipeline, tmp_path):
+    data, enc, teacher = pipeline
+    gan = tmp_path / "gan.pt"
+    r = train_unsupervised(unsup_config(data, enc, None, kd="none"), gan)
+    c = load_checkpoint(gan)
+    assert c["kind"] == "gan" and c["predictor"] == "" and set(c["modules"]) == {"encoder", "generator", "critic"}
+    assert r.metrics == {}  # nothing to score without a face regressor
+    with pytest.raises(ValidationError, match="no face predictor"):
+        predict(gan, data, tmp_path / "x.h5", device="cpu")
+    with pytest.raises(ValidationError, match="no student"):
+        load_predictor(c, torch.device("cpu"))
+    with pytest.raises(ValidationError, match="--teacher"):
+        unsup_config(data, enc, None)
+    with pytest.raises(ValidationError, match="--encoder"):
+        unsup_config(data, "", teacher)
+    with pytest.raises(ValidationError, match="unknown distillation"):
+        unsup_config(data, enc, teacher, kd="fitnet")
+    with pytest.raises(ValidationError, match="not a teacher"):
+        UnsupervisedTask(unsup_config(data, enc, enc))
+    with pytest.raises(ValidationError, match="no such teacher"):
+        UnsupervisedTask(unsup_config(data, enc, tmp_path / "nope.pt"))
+
+
+def test_cli(pipeline, tmp_path):
+    from v2m_cli.train import main
+
+    data, enc, teacher = pipeline
+    runner = CliRunner()
+    out = tmp_path / "cli.pt"
+    args = ["unsupervised", "--data", str(data), "--out", str(out), "--encoder", str(enc), "--teacher", str(teacher),
+            "--kd", "rkd", "--iterations", "1", "--batch-size", "4", "--device", "cpu", "--workers", "0",
+            "--min-frames", "16", "--max-frames", "40", "--student-width", "0.25", "--student-last-channels", "16",
+            "--generator-channels", "16,16,8,8,8", "--trunk-channels", "8,8,8,8,8", "--val-every", "0", "--no-progress"]
+    res = runner.invoke(main, args)
+    assert res.exit_code == 0, res.output
+    ck = load_checkpoint(out)
+    assert ck["config"]["kd"] == "rkd" and ck["config"]["generator_channels"] == [16, 16, 8, 8, 8]
+    # --resume keeps the recipe of the checkpoint (kd, widths, encoder, teacher)
+    res = runner.invoke(main, ["unsupervised", "--data", str(data), "--out", str(out), "--iterations", "2", "--resume",
+                               "--device", "cpu", "--workers", "0", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert load_checkpoint(out)["iteration"] == 2
+    sup = tmp_path / "sup.pt"
+    train_supervised(sup_config(data, iterations=1), sup)
+    for bad, msg in ((["--teacher", str(sup)], "not a teacher"), (["--teacher", str(tmp_path / "none.pt")], "no such"),
+                     (["--kd", "pkt", "--generator-channels", "1,2"], "5 positive")):
+        a = list(args)
+        a[4] = str(tmp_path / "bad.pt")
+        res = runner.invoke(main, a + bad)
+        assert res.exit_code == 2 and msg in res.output, res.output
+        assert "Traceback" not in res.output
+    no_teacher = [x for i, x in enumerate(args) if x != "--teacher" and (i == 0 or args[i - 1] != "--teacher")]
+    no_teacher[no_teacher.index("--out") + 1] = str(tmp_path / "nt.pt")
+    res = runner.invoke(main, no_teacher)
+    assert res.exit_code == 2 and "error:" in res.output and "--teacher" in res.output
