@@ -194,7 +194,9 @@ def voice_encoder(ctx, **params):
               help="Identity target: median of its frontal fits, or the fit the reference rule picks.")
 @click.option("--target-fallback", is_flag=True, help="Identities without frontal fits use all their valid fits.")
 @click.option("--expression-weight", type=float, default=1.0, show_default=True, help="Loss weight of the expression terms.")
-@click.option("--shuffle-pairs", is_flag=True, help="Debugging control: permute the identity -> target mapping.")
+@click.option("--shuffle-pairs", is_flag=True, help="Control experiment: break the voice/target pairing (see --shuffle-mode).")
+@click.option("--shuffle-mode", type=click.Choice(["fixed", "iteration"]), default="fixed", show_default=True,
+              help="fixed: one seeded permutation of identity -> target; iteration: a fresh one every iteration.")
 @click.pass_context
 @user_errors
 def supervised(ctx, **params):
