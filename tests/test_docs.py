@@ -18,9 +18,8 @@ Convention for fenced blocks (```bash and ```python; other languages are not run
   ``<!-- test: skip REASON -->`` skips the block (a reason is required) and
   ``<!-- test: setup CODE -->`` (the comment may span lines) runs CODE in the namespace first,
   for examples that use the reader's own arrays.
-- ``PENDING`` below holds the same markers for blocks of files whose owners have not added the
-  comments yet; an entry that no longer matches a block, or whose block now has its own marker,
-  fails ``test_pending_markers_are_current``.
+- A ``<!-- test: ... -->`` comment that is not attached to a block (text between it and the next
+  fence) fails ``test_every_marker_belongs_to_a_block``.
 """
 
 from __future__ import annotations
@@ -36,32 +35,12 @@ import shutil
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-#: Markers for blocks in files this test's author does not own: (file, unique snippet of the
-#: block) -> (kind, text). Move them into the files as HTML comments and delete them here.
-PENDING: dict[tuple[str, str], tuple[str, str]] = {
-    ("README.md", "bfm.vertices(shape, expression)"): (
-        "setup",
-        "import numpy as np\nfrom v2m_bench import load_bfm as _load\nshape = np.zeros((2, 40), np.float32)\n"
-        "expression = np.zeros((2, 10), np.float32)\nref = _load().vertices(shape[:1], expression[:1])[0]",
-    ),
-    ("docs/formats.md", "shape=shape_coefficients"): (
-        "setup",
-        "import numpy as np\nshape_coefficients = np.zeros((3, 40), np.float32)\n"
-        "expression_coefficients = np.zeros((3, 10), np.float32)",
-    ),
-    ("docs/formats.md", 'f.attrs["format"] = "v2m-predictions"'): (
-        "setup",
-        'import numpy as np\nnames = ["A.J._Buckley"]\nutterances = ["1TmvLk8sB-g_00001"]\n'
-        "meshes = np.zeros((1, 53215, 3), np.float32)",
-    ),
-}
 
 _FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)[^\n]*$")
 _MARKER = re.compile(r"<!--\s*test:\s*(skip|setup)\b(.*?)-->", re.S)
@@ -74,7 +53,6 @@ class Block:
     lang: str
     code: str
     marker: tuple[str, str] | None = None  # ("skip", reason) or ("setup", code)
-    pending: bool = field(default=False)
 
 
 def parse_blocks(text: str, path: str) -> list[Block]:
@@ -130,12 +108,7 @@ def doc_files() -> list[str]:
 def all_blocks(files=None) -> list[Block]:
     blocks = []
     for rel in files or doc_files():
-        for b in parse_blocks((ROOT / rel).read_text(encoding="utf-8"), rel):
-            if b.marker is None:
-                for (path, snippet), marker in PENDING.items():
-                    if path == rel and snippet in b.code:
-                        b.marker, b.pending = marker, True
-            blocks.append(b)
+        blocks.extend(parse_blocks((ROOT / rel).read_text(encoding="utf-8"), rel))
     return blocks
 
 
@@ -364,16 +337,21 @@ def test_docs_have_runnable_blocks():
     assert any(c.startswith("v2m-bench score") for c in cmds)
     assert any(c.startswith("v2m-bench report") for c in cmds)
     assert any(c.startswith("v2m-bench export") for c in cmds)
+    # the synthetic world end to end, as the Quickstart, building and training pages show it
+    for prefix in ("v2m-build-dataset synth", "v2m-build-dataset --voxceleb", "v2m-build-dataset merge",
+                   "v2m-train voice-encoder", "v2m-train supervised", "v2m-predict"):
+        assert any(c.startswith(prefix) for c in cmds), prefix
+    assert {"docs/building.md", "docs/training.md"} <= files
     assert sum(b.lang == "python" for b in blocks) >= 4
 
 
-def test_pending_markers_are_current():
-    for (path, snippet), _ in PENDING.items():
-        if not (ROOT / path).is_file():
-            continue
-        matches = [b for b in parse_blocks((ROOT / path).read_text(encoding="utf-8"), path) if snippet in b.code]
-        assert len(matches) == 1, f"PENDING entry {path}: {snippet!r} matches {len(matches)} blocks: update or delete it"
-        assert matches[0].marker is None, f"{path}:{matches[0].line} has its own marker now: delete the PENDING entry"
+def test_every_marker_belongs_to_a_block():
+    """A marker separated from its block (text in between) would silently stop applying."""
+    for rel in doc_files():
+        text = (ROOT / rel).read_text(encoding="utf-8")
+        written = len(_MARKER.findall(text))
+        attached = sum(b.marker is not None for b in parse_blocks(text, rel))
+        assert written == attached, f"{rel}: {written} test markers, {attached} attached to a fenced block"
 
 
 @pytest.mark.slow
@@ -390,8 +368,8 @@ def test_mkdocs_build_strict(tmp_path):
     missing = [m for m in ("mkdocs", "mkdocstrings", "mkdocstrings_handlers.python", "material")
                if importlib.util.find_spec(m.split(".")[0]) is None
                or (m == "mkdocstrings_handlers.python" and importlib.util.find_spec("mkdocstrings_handlers") is None)]
-    if missing:
-        pytest.skip(f"needs the docs extra (pip install -e \".[docs]\"): missing {', '.join(missing)}")
+    # the test extra installs them (pyproject.toml), so CI always builds the site: missing is a failure
+    assert not missing, f"the docs packages are part of the test extra (pip install -e \".[test]\"): missing {', '.join(missing)}"
     site = tmp_path / "site"
     res = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)], cwd=ROOT,
                          capture_output=True, text=True, timeout=300, env=dict(os.environ, NO_MKDOCS_2_WARNING="1"))
@@ -399,6 +377,8 @@ def test_mkdocs_build_strict(tmp_path):
     api = (site / "api" / "index.html").read_text(encoding="utf-8")
     for name in ("write_report", "icp_scores", "read_predictions", "split_of", "bfm_regions", "score"):
         assert name in api, name
+    for page in ("building", "training", "quickstart"):
+        assert (site / page / "index.html").is_file(), page
     # the site works offline: no resource (script, style, font, image) is loaded from elsewhere
     for page in site.rglob("*.html"):
         text = page.read_text(encoding="utf-8")
