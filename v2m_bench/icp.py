@@ -83,6 +83,7 @@ __all__ = [
 ]
 
 _POINT_CHUNK = 16384  # points per vectorised walk call (cache-sized temporaries; no effect on results)
+_REFS_PER_CHUNK = 4  # references whose predictions are processed together (no effect on results)
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -1194,7 +1195,7 @@ def icp_scores(
     # chunks of whole references: every prediction of a reference is scored with its tables
     order = np.argsort(grp, kind="stable")
     used_refs = np.unique(grp)
-    per_chunk = 4
+    per_chunk = _REFS_PER_CHUNK
     chunks = []
     for lo in range(0, used_refs.size, per_chunk):
         refs_c = used_refs[lo : lo + per_chunk]
