@@ -165,6 +165,12 @@ def test_gan_only_mode_and_errors(pipeline, tmp_path):
     c = load_checkpoint(gan)
     assert c["kind"] == "gan" and c["predictor"] == "" and set(c["modules"]) == {"encoder", "generator", "critic"}
     assert r.metrics == {}  # nothing to score without a face regressor
+    # the student never feeds back into the GAN: a distillation run trains the same generator
+    full = tmp_path / "full.pt"
+    train_unsupervised(unsup_config(data, enc, teacher, kd="pkt"), full)
+    f = load_checkpoint(full)
+    assert same_state(f["modules"]["generator"], c["modules"]["generator"])
+    assert same_state(f["modules"]["critic"], c["modules"]["critic"])
     with pytest.raises(ValidationError, match="no face predictor"):
         predict(gan, data, tmp_path / "x.h5", device="cpu")
     with pytest.raises(ValidationError, match="no student"):

@@ -45,7 +45,6 @@ Checkpoint (kind ``"unsupervised"``, or ``"gan"``) modules: ``encoder`` and ``te
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,7 +52,17 @@ import torch.nn.functional as F
 
 from v2m_bench.errors import ValidationError
 
-from .data import BatchPlanner, CoefficientStats, CropConfig, FaceBank, TrainingSet, VoiceBatches, select_test_utterances, training_set, whole_utterances
+from .data import (
+    BatchPlanner,
+    CoefficientStats,
+    CropConfig,
+    FaceBank,
+    TrainingSet,
+    VoiceBatches,
+    select_test_utterances,
+    training_set,
+    whole_utterances,
+)
 from .kd import KD_NAMES, PKTLoss, make_kd_loss
 from .nets import VOICE_CHANNELS, FaceCritic, Frozen, Generator, VoiceEncoder
 from .supervised import _VoiceTask, embed_utterances, geometric_metrics, load_encoder
@@ -226,7 +235,8 @@ def _contrast_index(index: torch.Tensor, n_data: int, k: int, seed: int, iterati
 
 def _float_out(out: dict) -> dict:
     """Outputs cast to float32 (losses are computed outside autocast)."""
-    return {k: ([m.float() for m in v] if isinstance(v, list) else (v.float() if v is not None else None)) for k, v in out.items()}
+    return {k: ([m.float() for m in v] if isinstance(v, list) else (v.float() if v is not None else None))
+            for k, v in out.items()}
 
 
 def _teacher_arch(reg: FaceRegressor) -> dict:
