@@ -375,7 +375,7 @@ def test_mkdocs_build_strict(tmp_path):
                          capture_output=True, text=True, timeout=300, env=dict(os.environ, NO_MKDOCS_2_WARNING="1"))
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     api = (site / "api" / "index.html").read_text(encoding="utf-8")
-    for name in ("write_report", "icp_scores", "read_predictions", "split_of", "bfm_regions", "score"):
+    for name in ("write_report", "icp_scores", "read_predictions", "split_of", "bfm_regions", "score", "BuildConfig"):
         assert name in api, name
     for page in ("building", "training", "quickstart"):
         assert (site / page / "index.html").is_file(), page
