@@ -142,8 +142,11 @@ def test_cli(trained, tmp_path):
     res = runner.invoke(main, ["--checkpoint", str(unsup), "--data", str(data), "--out", str(tmp_path / "u.h5"),
                                "--device", "cpu"])
     assert res.exit_code == 0, res.output
+    state = ImageTo3DMM(MobileNetV2(62, width_mult=0.5, last_channels=16)).backbone.state_dict()
+    torch.save({k: v for k, v in state.items() if "features.18" not in k}, tmp_path / "cut.pth")
     for gen, tea, msg in ((teacher, teacher, "not a generator"), (unsup, unsup, "not a teacher"),
-                          (unsup, tmp_path / "nope.pt", "no such teacher checkpoint")):
+                          (unsup, tmp_path / "nope.pt", "no such teacher checkpoint"),
+                          (unsup, tmp_path / "cut.pth", "not the same architecture")):
         res = runner.invoke(main, ["cascade", "--generator", str(gen), "--teacher", str(tea), "--data", str(data),
                                    "--out", str(tmp_path / "bad.h5"), "--device", "cpu"])
         assert res.exit_code == 2 and "error:" in res.output and msg in res.output, res.output

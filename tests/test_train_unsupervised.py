@@ -219,3 +219,35 @@ def test_cli(pipeline, tmp_path):
     no_teacher[no_teacher.index("--out") + 1] = str(tmp_path / "nt.pt")
     res = runner.invoke(main, no_teacher)
     assert res.exit_code == 2 and "error:" in res.output and "--teacher" in res.output
+
+
+# ------------------------------------------------------------------------------------- DDP on CPU (gloo)
+@pytest.mark.slow
+def test_ddp_gloo_two_ranks_train_one_model(pipeline, tmp_path):
+    import torch.multiprocessing as mp
+
+    from test_train_supervised import _free_port
+
+    data, enc, teacher = pipeline
+    mp.spawn(_ddp_rank, args=(2, _free_port(), str(data), str(enc), str(teacher), str(tmp_path)), nprocs=2, join=True)
+    w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for k in ("generator", "critic", "student", "kd"):
+        assert same_state(w0[k], w1[k]), k  # gradients (and the VID regressors') were averaged
+    ck = load_checkpoint(tmp_path / "ddp.pt")
+    assert ck["world_size"] == 2 and ck["iteration"] == 2
+    assert same_state(ck["modules"]["generator"], w0["generator"])
+
+
+def _ddp_rank(rank, world, port, data, enc, teacher, out_dir):
+    import os
+
+    from v2m_models.training import fit
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    task = UnsupervisedTask(unsup_config(data, enc, teacher, kd="vid"))
+    fit(task, os.path.join(out_dir, "ddp.pt"))
+    torch.save({k: {n: t.detach().cpu() for n, t in m.state_dict().items()} for k, m in task.modules.items()},
+               os.path.join(out_dir, f"rank{rank}.pt"))
