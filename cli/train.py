@@ -215,7 +215,9 @@ def supervised(ctx, **params):
 @click.option("--last-channels", type=click.IntRange(min=1), default=None, help="Width of the last conv (default 1280).")
 @click.option("--dropout", type=float, default=0.2, show_default=True, help="Dropout before the linear layer.")
 @click.option("--face-size", type=click.IntRange(min=32), default=120, show_default=True,
-              help="Input crop size (the build must have stored it).")
+              help="Crop size read from the build (it must have stored it).")
+@click.option("--input-size", type=click.IntRange(min=32), default=120, show_default=True,
+              help="Network input size; crops are bilinearly resized to it (--face-size 64: as the GAN's faces).")
 @click.option("--max-residual", type=float, default=0.0, show_default=True,
               help="Train on fits with residual_normalized <= this (0: every converged fit).")
 @click.option("--pose-weight", type=float, default=1.0, show_default=True, help="Loss weight of the 12 pose entries.")

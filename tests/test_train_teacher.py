@@ -122,6 +122,21 @@ def test_teacher_fits_its_training_pairs_better_than_the_mean(world, tmp_path):
     assert {"ER", "ARE_mean", "NME", "ER_meanface"} <= set(r.metrics)
 
 
+def test_teacher_on_64x64_crops_upsampled_like_the_gan_faces(world, tmp_path):
+    t64 = TeacherTask(teacher_config(world, face_size=64))
+    t120 = TeacherTask(teacher_config(world))
+    assert t64.faces.crops.shape[1:] == (64, 64, 3) and t120.faces.crops.shape[1:] == (120, 120, 3)
+    assert np.array_equal(t64.targets, t120.targets)  # the pose is in the network input's pixels
+    out = tmp_path / "t64.pt"
+    train_teacher(teacher_config(world, face_size=64, iterations=1), out)
+    reg, _ = load_teacher(out)
+    assert reg.net.input_size == 120 and load_checkpoint(out)["task"]["net"]["face_size"] == 64
+    x = torch.from_numpy(t64.faces.batch([0, 1]))
+    up = torch.nn.functional.interpolate(x, size=(120, 120), mode="bilinear", align_corners=True)
+    with torch.no_grad():
+        assert torch.allclose(reg(x)["params"], reg(up)["params"], atol=1e-6)
+
+
 def test_exact_resume(world, tmp_path):
     full, half = tmp_path / "full.pt", tmp_path / "half.pt"
     train_teacher(teacher_config(world, iterations=4), full)

@@ -4,8 +4,9 @@
 The public pretrained teachers of the paper (3DDFA-V2, SynergyNet) can no longer be downloaded,
 so the teacher is trained on the build's own (face crop, fitted parameters) pairs: every
 training-split image with a finite, converged landmark fit (optionally only fits with
-``residual_normalized <= max_residual``) gives one 120x120 RGB crop and its 62 targets in the
-3DDFA layout (:func:`crop_pose`):
+``residual_normalized <= max_residual``) gives one RGB face crop (120x120 by default; 64x64
+crops upsampled to 120x120 with ``face_size=64``) and its 62 targets in the 3DDFA layout
+(:func:`crop_pose`, in the pixels of the network's 120x120 input):
 
 - ``[0:12]`` pose, a 3x4 matrix ``[s R | t]`` (row-major) in the pixels of the crop;
 - ``[12:52]`` the 40 shape and ``[52:62]`` the 10 expression coefficients (BFM units).
@@ -85,7 +86,11 @@ class TeacherConfig(TrainConfig):
     dropout : float
         Before the linear layer (0.2).
     face_size : int
-        Crop size fed to the network (120; the build must have stored it).
+        Stored crop size read from the build (120; the build must have stored it).
+    input_size : int
+        Network input size (120, as 3DDFA); crops of another size are bilinearly resized to it.
+        ``face_size=64`` trains the teacher on 64x64 crops upsampled to 120x120, the same
+        resampling the unsupervised model applies to its generated 64x64 faces.
     max_residual : float
         Keep fits with ``residual_normalized`` at most this (0: every converged, finite fit).
     pose_weight : float
@@ -100,6 +105,7 @@ class TeacherConfig(TrainConfig):
     last_channels: int | None = None
     dropout: float = 0.2
     face_size: int = 120
+    input_size: int = 120
     max_residual: float = 0.0
     pose_weight: float = 1.0
     val_images: int = 512
@@ -112,8 +118,9 @@ class TeacherConfig(TrainConfig):
             raise ValidationError(f"must be positive, got {self.last_channels}", key="last_channels")
         if not 0 <= float(self.dropout) < 1:
             raise ValidationError(f"must lie in [0, 1), got {self.dropout}", key="dropout")
-        if int(self.face_size) < 32:
-            raise ValidationError(f"must be >= 32, got {self.face_size}", key="face_size")
+        for k in ("face_size", "input_size"):
+            if int(getattr(self, k)) < 32:
+                raise ValidationError(f"must be >= 32, got {getattr(self, k)}", key=k)
         if not float(self.max_residual) >= 0 or not float(self.pose_weight) >= 0:
             raise ValidationError("max_residual and pose_weight must be >= 0", key="max_residual/pose_weight")
 
@@ -457,7 +464,7 @@ class TeacherTask(Task):
         if "train" not in self.dataset.splits:
             raise ValidationError("the build has no training split", path=str(config.data))
         self.train_split = self.dataset.split("train")
-        self.images, params = teacher_pairs(self.train_split, config.face_size, config.max_residual)
+        self.images, params = teacher_pairs(self.train_split, config.input_size, config.max_residual)
         if len(self.images) < 2:
             raise ValidationError(f"the build has {len(self.images)} training images with a usable fit; need 2",
                                   path=str(config.data))
@@ -467,7 +474,7 @@ class TeacherTask(Task):
 
     def setup(self, run: Run) -> None:
         cfg = self.config
-        model = make_regressor(self.stats, cfg.width_mult, cfg.last_channels, cfg.dropout, cfg.face_size).to(run.device)
+        model = make_regressor(self.stats, cfg.width_mult, cfg.last_channels, cfg.dropout, cfg.input_size).to(run.device)
         self.modules = {"model": model}
         self.optimizers = {"model": make_adam(model.parameters(), cfg.lr, cfg.betas, cfg.weight_decay, run.device)}
         self.net = run.wrap(model.net)
@@ -524,7 +531,7 @@ class TeacherTask(Task):
             val = {}
             if "test" in ds.splits:
                 ts = ds.split("test")
-                imgs, params = teacher_pairs(ts, cfg.face_size, 0.0)
+                imgs, params = teacher_pairs(ts, cfg.input_size, 0.0)
                 if len(imgs):
                     rng = np.random.default_rng([cfg.seed, 0x7EAC])
                     k = min(int(cfg.val_images), len(imgs))
@@ -569,7 +576,7 @@ class TeacherTask(Task):
         return {
             "stats": self.stats.to_dict(),
             "net": {"width_mult": float(cfg.width_mult), "last_channels": cfg.last_channels, "dropout": float(cfg.dropout),
-                    "input_size": int(cfg.face_size)},
+                    "input_size": int(cfg.input_size), "face_size": int(cfg.face_size)},
             "input_format": "rgb",
             "n_images": int(len(self.images)),
         }
