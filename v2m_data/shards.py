@@ -526,6 +526,17 @@ class BuildDataset:
 def open_dataset(root: str | os.PathLike) -> BuildDataset:
     """Open a build folder written by ``v2m-build-dataset`` (no torch needed).
 
+    Parameters
+    ----------
+    root : str or os.PathLike
+        The build's ``OUT`` folder.
+
+    Returns
+    -------
+    BuildDataset
+
+    Examples
+    --------
     >>> ds = open_dataset("OUT")                       # doctest: +SKIP
     >>> train = ds.split("train")                      # doctest: +SKIP
     >>> x = train.utterance_features(0)                # (64, n_frames) float32
