@@ -333,3 +333,10 @@ def test_cli_trains_resumes_and_reports_user_errors(tiny, tmp_path):
     assert res.exit_code == 2
     res = runner.invoke(main, ["supervised", *common, "--freeze-encoder"])
     assert res.exit_code == 2 and "--encoder" in res.output
+    sh = tmp_path / "sh.pt"
+    res = runner.invoke(main, ["supervised", *[a if a != str(out) else str(sh) for a in common], "--iterations", "1",
+                               "--target-fallback", "--shuffle-pairs", "--shuffle-mode", "iteration"])
+    assert res.exit_code == 0, res.output
+    assert load_checkpoint(sh)["task"]["shuffle_mode"] == "iteration"
+    res = runner.invoke(main, ["supervised", *common, "--shuffle-pairs", "--shuffle-mode", "sometimes"])
+    assert res.exit_code == 2 and "sometimes" in res.output
