@@ -150,6 +150,10 @@ def _config(ctx: click.Context, cls, params: dict, log):
 
 
 def _report(result, log) -> None:
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports for the job
+        return
     click.echo(
         f"{result.checkpoint}: iteration {result.iteration} ({result.iteration - result.start} run now, "
         f"{result.iterations_per_s:.2f} it/s, {result.samples_per_s:.0f} samples/s)"
