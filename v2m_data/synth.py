@@ -64,6 +64,14 @@ distance between keypoints 27 (top of the nose bridge) and 8 (chin), standardise
 standard deviation they have when ``shape ~ N(0, diag(shape_std^2))`` (first-order estimates;
 :func:`measure_reference`). Each utterance's f0 is the identity's pitch times ``exp(N(0, 0.02^2))``.
 
+How much a voice says about a face here: mostly gender (pitch and formants), which moves the face
+along the width direction by ``2 x gender_width_shift`` standard deviations between the sexes,
+and a little face width and length (within a gender, pitch correlates with ``z_width`` at about
+0.8). Measured (examples/synthetic_end_to_end.sh, tests/test_end_to_end.py): with the defaults
+and 240 identities (180 training), a small supervised model beats the mean face on ER by ~20 %
+(paired bootstrap interval above zero); with ~40 training identities it does not, and the CI-sized
+test uses ``gender_width_shift=1.5``.
+
 truth.h5
 --------
 File attributes: ``format="v2m-synth-truth"``, ``version=1``, ``seed``, the configuration
