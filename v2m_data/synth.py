@@ -69,8 +69,8 @@ along the width direction by ``2 x gender_width_shift`` standard deviations betw
 and a little face width and length (within a gender, pitch correlates with ``z_width`` at about
 0.8). Measured (examples/synthetic_end_to_end.sh, tests/test_end_to_end.py): with the defaults
 and 240 identities (180 training), a small supervised model beats the mean face on ER by ~20 %
-(paired bootstrap interval above zero); with ~40 training identities it does not, and the CI-sized
-test uses ``gender_width_shift=1.5``.
+(paired bootstrap interval above zero); with 32 training identities it did not (one world tried,
+interval across zero), so the CI-sized test uses ``gender_width_shift=1.5``.
 
 truth.h5
 --------
