@@ -90,3 +90,14 @@ def make_small_model(seed: int = 0, n_side: int = 24) -> MorphableModel:
 @pytest.fixture
 def small_model() -> MorphableModel:
     return make_small_model(0)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One torch intra-op thread for a test module of tiny convnets (on a 2-core machine two
+    threads made them ~10x slower); the previous count is restored afterwards."""
+    torch = pytest.importorskip("torch")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

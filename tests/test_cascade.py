@@ -26,13 +26,7 @@ from v2m_models.training import load_checkpoint, save_checkpoint
 from v2m_models.unsupervised import train_unsupervised
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread (tiny convnets on a shared 2-core machine; restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,14 +31,7 @@ from v2m_models.teacher import (
 from v2m_models.training import load_checkpoint, read_metrics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these tiny convnets run ~10x faster than with two threads on a shared,
-    loaded 2-core machine (the setting is restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

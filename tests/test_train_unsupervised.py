@@ -37,13 +37,7 @@ TINY_NETS = dict(student_width=0.25, student_last_channels=32, generator_channel
                  trunk_channels=(8, 8, 8, 8, 8), crd_negatives=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread (tiny convnets on a shared 2-core machine; restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
