@@ -29,7 +29,6 @@ for _var in _THREAD_VARS + ("VECLIB_MAXIMUM_THREADS",):
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -37,35 +36,9 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from _machine import machine  # noqa: E402  (benchmarks/_machine.py, beside this script)
+
 TARGET_X_RT = 1000.0
-
-
-def machine() -> dict:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = (float("nan"),) * 3
-    import scipy
-    import torch
-
-    return {
-        "cpu": model,
-        "logical_cpus": os.cpu_count(),
-        "load_avg_1_5_15": [round(v, 2) for v in load],
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "torch": torch.__version__,
-        "threads": 1,
-    }
 
 
 def speech_like(seconds: float, rng: np.random.Generator, sr: int = 16000) -> np.ndarray:
@@ -141,7 +114,10 @@ def main(argv=None) -> int:
     import soundfile
 
     rng = np.random.default_rng(args.seed)
-    info = machine()
+    import scipy
+    import torch
+
+    info = machine(scipy=scipy.__version__, torch=torch.__version__, threads=1)
     rows = []
     with tempfile.TemporaryDirectory(prefix="v2m-bench-audio-") as tmp:
         paths16, paths44, total = [], [], 0.0

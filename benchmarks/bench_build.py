@@ -35,13 +35,14 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUME
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+from _machine import machine  # noqa: E402  (benchmarks/_machine.py, beside this script)
 
 FULL_UTTERANCES = 153_516
 FULL_AUDIO_HOURS = 352.0
@@ -50,22 +51,6 @@ CORES = 16
 #: Assumed 3D-FAN throughput on one modern GPU with face-alignment's one-face-at-a-time API
 #: (box given, FAN-4 + depth network, 256x256 input): a range, not a measurement.
 FAN_GPU_IMG_S = (40.0, 120.0)
-
-
-def machine() -> dict:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        load = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        load = None
-    return {"cpu": model, "logical_cpus": os.cpu_count(), "load_avg_1_5_15": load, "python": platform.python_version(), "threads": 1}
 
 
 def _model():
@@ -110,7 +95,7 @@ def main(argv=None) -> int:
     from v2m_data.pipeline import BuildConfig, build, fit_images, process_images, process_utterances
     from v2m_data.synth import make_world
 
-    info = machine()
+    info = machine(threads=1)
     model, model_name = _model()
     rows: dict = {}
     with tempfile.TemporaryDirectory(prefix="v2m-bench-build-") as tmp:

@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from _machine import machine  # noqa: E402  (benchmarks/_machine.py, beside this script)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -139,22 +140,6 @@ def best_of(fn, repeat):
         out = fn()
         times.append(time.perf_counter() - t0)
     return min(times), out
-
-
-def machine():
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        ncpu = len(os.sched_getaffinity(0))
-    except AttributeError:
-        ncpu = os.cpu_count()
-    return {"cpu": cpu, "cpus_available": ncpu, "python": platform.python_version(), "numpy": np.__version__, "platform": platform.platform()}
 
 
 def main(argv=None):
