@@ -25,9 +25,12 @@ from ._common import progress_enabled, user_errors
 @click.option("--strict", is_flag=True, help="Reference identities without predictions are an error.")
 @click.option("--with-scale", is_flag=True, help="Let the ICP registration fit a scale too.")
 @click.option("--device", default=None, help="torch device for the ICP (e.g. cuda); default numpy on the CPU.")
+@click.option("--engine", type=click.Choice(["auto", "numba", "kdtree"]), default="auto", show_default=True,
+              help="Exhaustive nearest-vertex search of the ICP (same scores; numba is faster).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 @user_errors
-def command(predictions, references, bfm, json_out, csv_out, baseline, bootstrap, seed, strict, with_scale, device, progress):
+def command(predictions, references, bfm, json_out, csv_out, baseline, bootstrap, seed, strict, with_scale, device, engine,
+            progress):
     """Score PREDICTIONS (a predictions.h5) against the benchmark references.
 
     Prints ER, FR, MR, CR, their mean (ARE), NME, the ICP point-to-plane RMSE and the six part
@@ -42,7 +45,7 @@ def command(predictions, references, bfm, json_out, csv_out, baseline, bootstrap
 
     model = load_bfm(bfm)
     config = ScoreConfig(bootstrap=bootstrap, seed=seed, strict=strict, with_scale=with_scale, device=device,
-                         progress=progress_enabled(progress))
+                         engine=engine, progress=progress_enabled(progress))
     report = score(predictions, references, model, baseline=baseline, config=config)
     if report.missing:
         shown = ", ".join(report.missing[:5]) + (" ..." if len(report.missing) > 5 else "")

@@ -131,3 +131,17 @@ def test_report_table_and_json_roundtrip():
     assert d["metrics"]["FR"] == {"value": 0.02, "ci_low": 0.005, "ci_high": 0.02}
     table = rep.table()
     assert "RMSE_mouth (mm)" in table and "missing: 1" in table
+
+
+def test_engine_option_gives_the_same_scores(bfm, tmp_path):
+    pytest.importorskip("numba")
+    from v2m_bench.errors import ValidationError
+
+    pred, refs, _, _ = _toy(bfm, tmp_path, n=4)
+    a = score(pred, refs, bfm, config=ScoreConfig(bootstrap=0, engine="numba"))
+    b = score(pred, refs, bfm, config=ScoreConfig(bootstrap=0, engine="kdtree"))
+    for k in METRIC_NAMES:
+        assert a.metrics[k].value == b.metrics[k].value, k
+    assert a.metrics["RMSE"].value > 0.05
+    with pytest.raises(ValidationError, match="engine"):
+        score(pred, refs, bfm, config=ScoreConfig(bootstrap=0, engine="gpu-magic"))

@@ -179,7 +179,7 @@ def vertex_errors(rows, references, model, *, config: ScoreConfig | None = None,
             pv = rows.to_vertices(model, sel)
             rv = references.to_vertices(model, used)
             res, _ = icp_scores(pv, rv, model.triangles, None, group=local, with_scale=config.with_scale,
-                                device=config.device, return_distances=True)
+                                device=config.device, engine=config.engine, return_distances=True)
             d = np.abs(res.distances).astype(np.float64)
             w = weight[sel]
             mean_abs += w @ d

@@ -82,6 +82,9 @@ class ScoreConfig:
         Predictions processed at once (bounds memory: a chunk holds ``chunk_size`` meshes).
     device : str, optional
         A torch device for the ICP ("cuda", "cpu"); None uses numpy.
+    engine : {None, "auto", "numba", "kdtree"}
+        The ICP's exhaustive nearest-vertex search (:func:`v2m_bench.icp.icp_scores`); both
+        engines give the same scores, numba (the default when it imports) faster.
     chance : bool
         Also score the mean-face predictor (zero coefficients) as a chance reference.
     progress : bool
@@ -94,6 +97,7 @@ class ScoreConfig:
     with_scale: bool = False
     chunk_size: int = 96
     device: str | None = None
+    engine: str | None = None
     chance: bool = True
     progress: bool = False
 
@@ -222,7 +226,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 # ---------------------------------------------------------------------------------- core
 def score_vertices(pred, ref, model, regions: Mapping[str, np.ndarray], *, ref_index=None, with_scale: bool = False,
-                   device=None, threads: int | None = None) -> dict:
+                   device=None, threads: int | None = None, engine: str | None = None) -> dict:
     """Every benchmark metric for each prediction.
 
     Parameters
@@ -237,6 +241,8 @@ def score_vertices(pred, ref, model, regions: Mapping[str, np.ndarray], *, ref_i
         The six part regions (:func:`v2m_bench.topology.bfm_regions`).
     ref_index : ndarray of int, shape (B,), optional
         Which reference each prediction is scored against; ``arange(B)`` (R == B) if omitted.
+    with_scale, device, threads, engine
+        Passed to :func:`v2m_bench.icp.icp_scores`.
 
     Returns
     -------
@@ -259,7 +265,7 @@ def score_vertices(pred, ref, model, regions: Mapping[str, np.ndarray], *, ref_i
     out["ARE_mean"] = are["mean"]
     out["NME"] = metrics.nme_official(pred, ref_b, model.keypoints)
     glob, parts = icp_scores(pred, ref, model.triangles, regions, group=ref_index, with_scale=with_scale, device=device,
-                             threads=threads)
+                             threads=threads, engine=engine)
     out["RMSE"] = np.asarray(glob.rmse)
     for name in ("left_eye", "right_eye", "nose", "mouth", "left_cheek", "right_cheek"):
         out[f"RMSE_{name}"] = np.asarray(parts[name].rmse)
@@ -306,7 +312,8 @@ def _score_files_core(preds, refs, model, regions, config: ScoreConfig, *, desc:
             used_refs, local = np.unique(ref_index_all[rows], return_inverse=True)
             pv = preds.to_vertices(model, rows)
             rv = refs.to_vertices(model, used_refs)
-            out = score_vertices(pv, rv, model, regions, ref_index=local, with_scale=config.with_scale, device=config.device)
+            out = score_vertices(pv, rv, model, regions, ref_index=local, with_scale=config.with_scale, device=config.device,
+                                 engine=config.engine)
             for k in METRIC_NAMES:
                 values[k][rows] = out[k]
             bar.update(len(rows))
