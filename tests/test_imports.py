@@ -1,0 +1,54 @@
+"""v2m_bench imports and scores with numpy, scipy and h5py alone (the brief's layering rule)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+BLOCKED = ("torch", "numba", "pandas", "matplotlib", "tqdm", "librosa", "cv2", "click", "v2m_data", "v2m_models")
+
+SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, pkgutil, sys
+
+    BLOCKED = {blocked!r}
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"blocked for this test: {{name}}")
+            return None
+
+    sys.meta_path.insert(0, Block())
+    import numpy as np
+    import v2m_bench
+    # every public module of the package imports
+    for m in pkgutil.iter_modules(v2m_bench.__path__):
+        if not m.name.startswith("_"):
+            importlib = __import__("importlib")
+            importlib.import_module(f"v2m_bench.{{m.name}}")
+    from v2m_bench import metrics
+    from v2m_bench.icp import icp_rmse
+
+    rng = np.random.default_rng(0)
+    n = 12
+    u = np.linspace(-1, 1, n)
+    gx, gy = np.meshgrid(u, u)
+    v = np.stack([gx * 50_000, gy * 50_000, 20_000 * np.cos(gx) * np.cos(gy)], -1).reshape(-1, 3)
+    idx = np.arange(n * n).reshape(n, n)
+    a, b, c, d = idx[:-1, :-1], idx[:-1, 1:], idx[1:, :-1], idx[1:, 1:]
+    tri = np.concatenate([np.stack([a, b, d], -1).reshape(-1, 3), np.stack([a, d, c], -1).reshape(-1, 3)])
+    pred = v + rng.normal(scale=300.0, size=v.shape)
+    r = icp_rmse(pred[None], v[None], tri)  # engine auto: numba is blocked, so the k-d trees
+    assert r.rmse.shape == (1,) and 0.05 < r.rmse[0] < 0.5, r.rmse
+    loaded = sorted(k.split(".")[0] for k in sys.modules if k.split(".")[0] in BLOCKED)
+    assert not loaded, loaded
+    print("ok")
+    """
+).format(blocked=BLOCKED)
+
+
+def test_v2m_bench_needs_only_numpy_scipy_h5py():
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
