@@ -19,16 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-#: Region colours (subject's left = +x; in the front view that is the right of the picture).
-COLOURS = {
-    "left_eye": (0.12, 0.47, 0.71),
-    "right_eye": (0.17, 0.63, 0.17),
-    "nose": (0.84, 0.15, 0.16),
-    "mouth": (0.58, 0.40, 0.74),
-    "left_cheek": (1.00, 0.50, 0.05),
-    "right_cheek": (0.09, 0.75, 0.81),
-}
-GREY = (0.78, 0.78, 0.78)
+#: Region colours (subject's left = +x; in the front view that is the right of the picture): the
+#: report's, so the figures and the report agree.
+from v2m_bench.report import _GREY as GREY  # noqa: E402
+from v2m_bench.report import _REGION_COLOURS as COLOURS  # noqa: E402
+
 LABELS = {
     "left_eye": "left eye",
     "right_eye": "right eye",
