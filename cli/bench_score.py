@@ -26,7 +26,7 @@ from ._common import progress_enabled, user_errors
 @click.option("--with-scale", is_flag=True, help="Let the ICP registration fit a scale too.")
 @click.option("--device", default=None, help="torch device for the ICP (e.g. cuda); default numpy on the CPU.")
 @click.option("--engine", type=click.Choice(["auto", "numba", "kdtree"]), default="auto", show_default=True,
-              help="Exhaustive nearest-vertex search of the ICP (same scores; numba is faster).")
+              help="ICP implementation: numba (compiled) or the numpy path with k-d trees (same scores up to rounding; numba is faster).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 @user_errors
 def command(predictions, references, bfm, json_out, csv_out, baseline, bootstrap, seed, strict, with_scale, device, engine,

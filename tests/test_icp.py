@@ -370,8 +370,9 @@ def test_exhaustive_engines_find_the_exact_nearest_vertex(engine):
 
 
 def test_numba_and_kdtree_engines_give_the_same_scores(small_model):
+    """numba runs the compiled pipeline, kdtree the numpy one: same nearest vertices and the same
+    scores up to rounding (the sums and 6x6 solves group terms differently)."""
     pytest.importorskip("numba")
-    from v2m_bench.topology import bfm_regions  # noqa: F401 - regions below are built by hand
 
     ref = _faces(small_model, 2, seed=11)
     pred = _faces(small_model, 6, seed=12, scale=0.6)
@@ -380,14 +381,44 @@ def test_numba_and_kdtree_engines_give_the_same_scores(small_model):
     group = np.repeat([0, 1], 3)
     out = {}
     for engine in ("numba", "kdtree"):
-        out[engine] = icp_scores(pred, ref, small_model.triangles, regions, group=group, engine=engine, return_distances=True)
-    (ga, pa), (gb, pb) = out["numba"], out["kdtree"]
-    np.testing.assert_array_equal(ga.rmse, gb.rmse)
-    np.testing.assert_array_equal(ga.nearest, gb.nearest)
-    for k in regions:
-        np.testing.assert_array_equal(pa[k].rmse, pb[k].rmse)
-        np.testing.assert_array_equal(pa[k].rotation, pb[k].rotation)
-    assert ga.rmse.min() > 0 and n == ga.nearest.shape[1]
+        for with_scale in (False, True):
+            out[engine, with_scale] = icp_scores(pred, ref, small_model.triangles, regions, group=group, engine=engine,
+                                                 return_distances=True, with_scale=with_scale)
+    for with_scale in (False, True):
+        (ga, pa), (gb, pb) = out["numba", with_scale], out["kdtree", with_scale]
+        np.testing.assert_allclose(ga.rmse, gb.rmse, rtol=1e-6)
+        np.testing.assert_allclose(ga.rotation, gb.rotation, atol=1e-9)
+        np.testing.assert_allclose(ga.scale, gb.scale, rtol=1e-6)
+        np.testing.assert_array_equal(ga.iterations, gb.iterations)
+        assert (ga.nearest == gb.nearest).mean() > 0.999
+        np.testing.assert_allclose(ga.distances, gb.distances, atol=1e-6 * np.abs(gb.distances).max())
+        for k in regions:
+            np.testing.assert_allclose(pa[k].rmse, pb[k].rmse, rtol=1e-6)
+            np.testing.assert_allclose(pa[k].rotation, pb[k].rotation, atol=1e-9)
+            np.testing.assert_allclose(pa[k].translation, pb[k].translation, atol=1e-6 * np.abs(gb.translation).max())
+            assert (pa[k].nearest == pb[k].nearest).mean() > 0.999
+        assert ga.rmse.min() > 0 and n == ga.nearest.shape[1]
+    assert np.abs(out["numba", True][0].scale - 1).max() > 1e-4  # the scaled runs really scale
+
+
+def test_compiled_pipeline_matches_the_numpy_one_in_every_mode(small_model):
+    """nearest="exact" (exhaustive searches in the global iterations too) and a prediction scored
+    alone or in a batch, with any number of threads: the compiled path agrees with the numpy path
+    and with itself bit for bit."""
+    pytest.importorskip("numba")
+    ref = _faces(small_model, 3, seed=21)
+    pred = _faces(small_model, 9, seed=22, scale=0.6)
+    group = np.repeat([0, 1, 2], 3)
+    regions = {"left": small_model.mean[:, 0] > 0}
+    a = icp_scores(pred, ref, small_model.triangles, regions, group=group, engine="numba", nearest="exact")
+    b = icp_scores(pred, ref, small_model.triangles, regions, group=group, engine="kdtree", nearest="exact")
+    np.testing.assert_allclose(a[0].rmse, b[0].rmse, rtol=1e-6)
+    np.testing.assert_allclose(a[1]["left"].rmse, b[1]["left"].rmse, rtol=1e-6)
+    full = icp_scores(pred, ref, small_model.triangles, regions, group=group, engine="numba", threads=3)
+    alone = icp_scores(pred[4:5], ref[1:2], small_model.triangles, regions, engine="numba", threads=1)
+    np.testing.assert_array_equal(full[0].rmse[4:5], alone[0].rmse)
+    np.testing.assert_array_equal(full[0].rotation[4:5], alone[0].rotation)
+    np.testing.assert_array_equal(full[1]["left"].rmse[4:5], alone[1]["left"].rmse)
 
 
 def test_engine_choice_is_validated_and_falls_back_without_numba(small_model, monkeypatch):

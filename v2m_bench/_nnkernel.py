@@ -24,59 +24,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["build_grid", "nearest_exact"]
-
-
-def build_grid(q32: np.ndarray, cell: float):
-    """Column-grid index of one reference's vertices.
-
-    The two axes of largest extent (for a face: x and y) are cut into square columns of edge
-    ``cell``; the vertices of each column are sorted along the third axis (depth), so a search
-    visits only the part of a column inside a depth slab.
-
-    Parameters
-    ----------
-    q32 : ndarray, shape (n, 3), float32
-        Vertex positions.
-    cell : float
-        Column edge length (input units); any positive value gives the same search results.
-
-    Returns
-    -------
-    axes : ndarray (3,) int64
-        The two column axes, then the sorted axis.
-    origin : ndarray (2,) float64
-        Lower corner of the column grid.
-    dims : ndarray (2,) int64
-        Columns along each column axis.
-    cell : float
-        The column edge used (enlarged when the grid would exceed 4 columns per vertex).
-    starts : ndarray (dims[0] * dims[1] + 1,) int32
-        Offsets of each column's run in ``items``.
-    items : ndarray (n,) int32
-        Vertex ids, by column, then by depth, then by id.
-    coords : ndarray (3, n) float32
-        The positions of ``items`` along ``axes`` (column axes, depth), for contiguous scans.
-    """
-    q = q32.astype(np.float64)
-    n = q.shape[0]
-    ext = q.max(axis=0) - q.min(axis=0)
-    order_axes = np.argsort(-ext, kind="stable")
-    axes = np.array([order_axes[0], order_axes[1], order_axes[2]], np.int64)
-    a, b = q[:, axes[0]], q[:, axes[1]]
-    lo = np.array([a.min(), b.min()])
-    span = np.array([a.max(), b.max()]) - lo
-    cell = float(cell)
-    while np.prod(np.floor(span / cell) + 1) > 4 * max(n, 1):
-        cell *= 1.25
-    dims = (np.floor(span / cell) + 1).astype(np.int64)
-    i0 = np.minimum(np.floor((a - lo[0]) / cell).astype(np.int64), dims[0] - 1)
-    i1 = np.minimum(np.floor((b - lo[1]) / cell).astype(np.int64), dims[1] - 1)
-    key = i0 * dims[1] + i1
-    depth = np.ascontiguousarray(q32[:, axes[2]])
-    starts, items = _column_sort(key, depth, int(dims[0] * dims[1]))
-    coords = np.ascontiguousarray(q32[items][:, axes].T)
-    return axes, lo, dims, cell, starts, items, coords
+__all__ = ["build_grids", "nearest_exact", "normals32", "cross_covariance", "icp_iterate", "score_exact"]
 
 
 @njit(nogil=True, cache=True)
@@ -168,6 +116,37 @@ def _search(x0, x1, x2, c, best, g, origin, dims, cell, starts, items, coords): 
     return c, best
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _walk_search(y0, y1, y2, c, best, g, ax, q, nbr, origin, dims, cell, starts, items, coords, max_steps):  # pragma: no cover - compiled
+    """Walk from ``c`` (squared distance ``best``) to a local minimum, then the exhaustive check."""
+    c, best = _walk_one(y0, y1, y2, c, best, g, ax, q, nbr, max_steps)
+    return _search(y0, y1, y2, c, best, g, origin, dims, cell, starts, items, coords)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _walk_one(y0, y1, y2, c, best, g, ax, q, nbr, max_steps):  # pragma: no cover - compiled
+    """Greedy walk: move to the closest candidate while one is strictly closer (lowest slot on
+    ties). Coordinates ``y`` are along the axes ``ax``; distances are squared, in float64."""
+    k = nbr.shape[1]
+    for _ in range(max_steps):
+        nb = c
+        nbd = best
+        for j in range(k):
+            v = nbr[c, j]
+            e0 = y0 - q[g, v, ax[0]]
+            e1 = y1 - q[g, v, ax[1]]
+            e2 = y2 - q[g, v, ax[2]]
+            dv = e0 * e0 + e1 * e1 + e2 * e2
+            if dv < nbd:
+                nbd = dv
+                nb = v
+        if nb == c:
+            break
+        c = nb
+        best = nbd
+    return c, best
+
+
 @njit(nogil=True, cache=True)
 def nearest_exact(x, ref_of, start, q, nbr, axes, origin, dims, cell, starts, items, coords, chain, max_steps):  # pragma: no cover - compiled
     """Exact nearest reference vertex of each point (see the module docstring).
@@ -185,7 +164,7 @@ def nearest_exact(x, ref_of, start, q, nbr, axes, origin, dims, cell, starts, it
     nbr : (n, K) int64
         Candidate graph of the walk (local ids; padding slots hold the vertex itself).
     axes : (G, 3) int64, origin : (G, 2) float64, dims : (G, 2) int64, cell : (G,) float64
-        Column grid of each reference (:func:`build_grid`).
+        Column grid of each reference (:func:`build_grids`).
     starts : (G, C + 1) int32, items : (G, n) int32, coords : (G, 3, n) float32
         Column tables of each reference (``C`` the largest column count; unused tail zeros).
     chain : bool
@@ -224,24 +203,458 @@ def nearest_exact(x, ref_of, start, q, nbr, axes, origin, dims, cell, starts, it
                 if d < best:
                     best = d
                     c = c2
-        k = nbr.shape[1]
-        for _ in range(max_steps):
-            nb = c
-            nbd = best
-            for j in range(k):
-                v = nbr[c, j]
-                e0 = y0 - q[g, v, ax[0]]
-                e1 = y1 - q[g, v, ax[1]]
-                e2 = y2 - q[g, v, ax[2]]
-                dv = e0 * e0 + e1 * e1 + e2 * e2
-                if dv < nbd:
-                    nbd = dv
-                    nb = v
-            if nb == c:
-                break
-            c = nb
-            best = nbd
-        c, best = _search(y0, y1, y2, c, best, g, origin, dims, cell, starts, items, coords)
+        c, best = _walk_search(y0, y1, y2, c, best, g, ax, q, nbr, origin, dims, cell, starts, items, coords, max_steps)
         out[i] = c
         prev = c
     return out
+
+
+# ------------------------------------------------------------------- the compiled ICP pipeline
+# The same algorithm as the numpy implementation in v2m_bench.icp (see its docstrings and
+# docs/metrics.md), sample after sample in compiled loops: nothing here depends on which other
+# samples are processed, so a prediction's result never depends on its batch or on threads. Sums
+# run front to back in float64; the results agree with the numpy path to rounding (not bit for
+# bit: its sums and linear solves group terms differently).
+
+
+@njit(nogil=True, cache=True)
+def normals32(q, tri):  # pragma: no cover - compiled
+    """Area-weighted unit vertex normals of each reference: q (G, n, 3) float32, tri (F, 3) ->
+    (G, n, 3) float32. Face normals (unnormalised cross products) in float32, summed per vertex in
+    float64 in triangle order, normalised in float64 (``icp._normals32`` for one reference)."""
+    g_, n, _ = q.shape
+    out = np.empty((g_, n, 3), np.float32)
+    acc = np.empty((n, 3), np.float64)
+    for g in range(g_):
+        acc[:] = 0.0
+        for f in range(tri.shape[0]):
+            a = tri[f, 0]
+            b = tri[f, 1]
+            c = tri[f, 2]
+            ux = q[g, b, 0] - q[g, a, 0]
+            uy = q[g, b, 1] - q[g, a, 1]
+            uz = q[g, b, 2] - q[g, a, 2]
+            vx = q[g, c, 0] - q[g, a, 0]
+            vy = q[g, c, 1] - q[g, a, 1]
+            vz = q[g, c, 2] - q[g, a, 2]
+            fx = np.float64(uy * vz - uz * vy)
+            fy = np.float64(uz * vx - ux * vz)
+            fz = np.float64(ux * vy - uy * vx)
+            for v in (a, b, c):
+                acc[v, 0] += fx
+                acc[v, 1] += fy
+                acc[v, 2] += fz
+        for v in range(n):
+            nn = np.sqrt(acc[v, 0] * acc[v, 0] + acc[v, 1] * acc[v, 1] + acc[v, 2] * acc[v, 2])
+            if nn < 1e-30:
+                nn = 1e-30
+            for k in range(3):
+                out[g, v, k] = np.float32(acc[v, k] / nn)
+    return out
+
+
+@njit(nogil=True, cache=True)
+def build_grids(q, cell_factor):  # pragma: no cover - compiled
+    """Column-grid index of each of G references, stacked as :func:`nearest_exact` takes them.
+
+    The two axes of largest extent (for a face: x and y) are cut into square columns; the vertices
+    of each column are sorted along the third axis (depth), so a search visits only the part of a
+    column inside a depth slab. q (G, n, 3) float32; the column edge is ``cell_factor`` times the
+    mean vertex spacing over the two widest axes (enlarged while the grid would exceed 4 columns
+    per vertex; any edge gives the same search results).
+
+    Returns axes (G, 3) int64 (the column axes, then the sorted axis), origin (G, 2) float64
+    (lower grid corner), dims (G, 2) int64 (columns per axis), cell (G,) float64 (column edge),
+    starts (G, C + 1) int32 (run offsets of each column in ``items``; ``C`` the largest column
+    count, unused tail zeros), items (G, n) int32 (vertex ids by column, then depth, then id) and
+    coords (G, 3, n) float32 (the positions of ``items`` along ``axes``, for contiguous scans).
+    """
+    g_, n, _ = q.shape
+    axes = np.empty((g_, 3), np.int64)
+    origin = np.empty((g_, 2), np.float64)
+    dims = np.empty((g_, 2), np.int64)
+    cell = np.empty(g_, np.float64)
+    for g in range(g_):
+        lo = np.empty(3)
+        hi = np.empty(3)
+        for k in range(3):
+            lo[k] = np.inf
+            hi[k] = -np.inf
+        for v in range(n):
+            for k in range(3):
+                z = np.float64(q[g, v, k])
+                if z < lo[k]:
+                    lo[k] = z
+                if z > hi[k]:
+                    hi[k] = z
+        ext = hi - lo
+        # axes by decreasing extent, stable on ties
+        order = np.array([0, 1, 2])
+        for i in range(1, 3):
+            j = i
+            while j > 0 and ext[order[j]] > ext[order[j - 1]]:
+                tmp = order[j]
+                order[j] = order[j - 1]
+                order[j - 1] = tmp
+                j -= 1
+        for k in range(3):
+            axes[g, k] = order[k]
+        h = cell_factor * np.sqrt(ext[order[0]] * ext[order[1]] / max(n, 1))
+        if not h > 0:
+            h = 1.0
+        s0 = ext[order[0]]
+        s1 = ext[order[1]]
+        while (np.floor(s0 / h) + 1) * (np.floor(s1 / h) + 1) > 4 * max(n, 1):
+            h *= 1.25
+        cell[g] = h
+        origin[g, 0] = lo[order[0]]
+        origin[g, 1] = lo[order[1]]
+        dims[g, 0] = np.int64(np.floor(s0 / h)) + 1
+        dims[g, 1] = np.int64(np.floor(s1 / h)) + 1
+    cmax = 0
+    for g in range(g_):
+        cmax = max(cmax, dims[g, 0] * dims[g, 1])
+    starts = np.zeros((g_, cmax + 1), np.int32)
+    items = np.empty((g_, n), np.int32)
+    coords = np.empty((g_, 3, n), np.float32)
+    key = np.empty(n, np.int64)
+    depth = np.empty(n, np.float32)
+    for g in range(g_):
+        a0 = axes[g, 0]
+        a1 = axes[g, 1]
+        a2 = axes[g, 2]
+        h = cell[g]
+        for v in range(n):
+            i0 = min(np.int64(np.floor((np.float64(q[g, v, a0]) - origin[g, 0]) / h)), dims[g, 0] - 1)
+            i1 = min(np.int64(np.floor((np.float64(q[g, v, a1]) - origin[g, 1]) / h)), dims[g, 1] - 1)
+            key[v] = i0 * dims[g, 1] + i1
+            depth[v] = q[g, v, a2]
+        st, it = _column_sort(key, depth, dims[g, 0] * dims[g, 1])
+        starts[g, : st.shape[0]] = st
+        items[g] = it
+        for p in range(n):
+            v = it[p]
+            coords[g, 0, p] = q[g, v, a0]
+            coords[g, 1, p] = q[g, v, a1]
+            coords[g, 2, p] = q[g, v, a2]
+    return axes, origin, dims, cell, starts, items, coords
+
+
+@njit(nogil=True, cache=True)
+def cross_covariance(p, q, ref_of):  # pragma: no cover - compiled
+    """Sums of the closed-form fit of each prediction p[b] (n, 3) float32 onto q[ref_of[b]].
+
+    Means in float64, coordinates centred in float32, products in float32 accumulated in float64.
+    Returns mp (B, 3), mq (B, 3), h (B, 3, 3) = sum_i pc_i qc_i^T, pp (B,) = sum_i |pc_i|^2.
+    """
+    b_, n, _ = p.shape
+    mp = np.zeros((b_, 3))
+    mq = np.zeros((b_, 3))
+    h = np.zeros((b_, 3, 3))
+    pp = np.zeros(b_)
+    pc = np.empty(3, np.float32)
+    qc = np.empty(3, np.float32)
+    for b in range(b_):
+        g = ref_of[b]
+        m0 = np.zeros(3)
+        m1 = np.zeros(3)
+        for v in range(n):
+            for k in range(3):
+                m0[k] += p[b, v, k]
+                m1[k] += q[g, v, k]
+        m0 /= n
+        m1 /= n
+        f0 = m0.astype(np.float32)
+        f1 = m1.astype(np.float32)
+        c0 = np.zeros(3)
+        c1 = np.zeros(3)
+        for v in range(n):
+            for k in range(3):
+                pc[k] = p[b, v, k] - f0[k]
+                qc[k] = q[g, v, k] - f1[k]
+                c0[k] += pc[k]
+                c1[k] += qc[k]
+            for j in range(3):
+                for k in range(3):
+                    h[b, j, k] += pc[j] * qc[k]
+                pp[b] += pc[j] * pc[j]
+        for k in range(3):
+            mp[b, k] = m0[k] + c0[k] / n
+            mq[b, k] = m1[k] + c1[k] / n
+    return mp, mq, h, pp
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _solve_spd(a, b):  # pragma: no cover - compiled
+    """Solve a x = b (a small, symmetric positive definite: the damped normal equations) by
+    Gaussian elimination with partial pivoting, on copies."""
+    n = b.shape[0]
+    m = a.copy()
+    x = b.copy()
+    for k in range(n):
+        p = k
+        for i in range(k + 1, n):
+            if abs(m[i, k]) > abs(m[p, k]):
+                p = i
+        if p != k:
+            for j in range(n):
+                tmp = m[k, j]
+                m[k, j] = m[p, j]
+                m[p, j] = tmp
+            tmp = x[k]
+            x[k] = x[p]
+            x[p] = tmp
+        for i in range(k + 1, n):
+            f = m[i, k] / m[k, k]
+            for j in range(k, n):
+                m[i, j] -= f * m[k, j]
+            x[i] -= f * x[k]
+    for k in range(n - 1, -1, -1):
+        acc = x[k]
+        for j in range(k + 1, n):
+            acc -= m[k, j] * x[j]
+        x[k] = acc / m[k, k]
+    return x
+
+
+@njit(nogil=True, cache=True)
+def icp_iterate(p_it, q_it, ref_of, r, s, t, start, pivot, with_scale, max_iter, damping, rmse_rtol, tol, exact,
+                q, nrm, nbr, axes, origin, dims, cell, starts, items, coords, max_steps):  # pragma: no cover - compiled
+    """Levenberg-Marquardt point-to-plane ICP of each sample (``icp._icp_iterations``, compiled).
+
+    p_it (a, S, 3) float64 prediction iteration vertices; q_it (a, S, 3) float64 their reference
+    positions; ref_of (a,) reference index; r (a, 3, 3), s (a,), t (a, 3) start transforms; start
+    (a, S) start vertices of the searches; pivot (a, 3) rotation centre. ``exact``: nearest
+    vertices by the exhaustive search, else by the walk alone. Returns the best iterate's r, s, t,
+    the evaluations, converged flags and nearest vertices.
+    """
+    a_, S, _ = p_it.shape
+    dim = 7 if with_scale else 6
+    out_r = r.copy()
+    out_s = s.copy()
+    out_t = t.copy()
+    out_c = start.copy()
+    iters = np.zeros(a_, np.int64)
+    conv = np.zeros(a_, np.bool_)
+    x = np.empty((S, 3))
+    cc = np.empty(S, np.int64)
+    res = np.empty(S)
+    jac = np.empty((S, 7))
+    amat = np.empty((dim, dim))
+    bvec = np.empty(dim)
+    best_a = np.empty((dim, dim))
+    best_b = np.empty(dim)
+    for b in range(a_):
+        g = ref_of[b]
+        ax = axes[g]
+        cr = r[b].copy()
+        cs = s[b]
+        ct = t[b].copy()
+        br = cr.copy()
+        bs = cs
+        bt = ct.copy()
+        bc = out_c[b]
+        best = np.inf
+        lam = damping
+        o0 = pivot[b, 0]
+        o1 = pivot[b, 1]
+        o2 = pivot[b, 2]
+        ss = 0.0
+        rmax = 0.0
+        for i in range(S):
+            e0 = q_it[b, i, 0] - o0
+            e1 = q_it[b, i, 1] - o1
+            e2 = q_it[b, i, 2] - o2
+            rr = e0 * e0 + e1 * e1 + e2 * e2
+            ss += rr
+            rr = np.sqrt(rr)
+            if rr > rmax:
+                rmax = rr
+        rho = np.sqrt(ss / S)
+        if not rho > 0:
+            rho = 1.0
+        for k in range(max_iter):
+            # evaluate the current iterate
+            m00 = cs * cr[0, 0]
+            m01 = cs * cr[0, 1]
+            m02 = cs * cr[0, 2]
+            m10 = cs * cr[1, 0]
+            m11 = cs * cr[1, 1]
+            m12 = cs * cr[1, 2]
+            m20 = cs * cr[2, 0]
+            m21 = cs * cr[2, 1]
+            m22 = cs * cr[2, 2]
+            f = 0.0
+            for i in range(S):
+                p0 = p_it[b, i, 0]
+                p1 = p_it[b, i, 1]
+                p2 = p_it[b, i, 2]
+                x0 = m00 * p0 + m01 * p1 + m02 * p2 + ct[0]
+                x1 = m10 * p0 + m11 * p1 + m12 * p2 + ct[1]
+                x2 = m20 * p0 + m21 * p1 + m22 * p2 + ct[2]
+                x[i, 0] = x0
+                x[i, 1] = x1
+                x[i, 2] = x2
+                # the search sees the point in float32, as the numpy path's tables do
+                z = (np.float64(np.float32(x0)), np.float64(np.float32(x1)), np.float64(np.float32(x2)))
+                y0 = z[ax[0]]
+                y1 = z[ax[1]]
+                y2 = z[ax[2]]
+                c = bc[i]
+                d0 = y0 - q[g, c, ax[0]]
+                d1 = y1 - q[g, c, ax[1]]
+                d2 = y2 - q[g, c, ax[2]]
+                dd = d0 * d0 + d1 * d1 + d2 * d2
+                if exact:
+                    c, dd = _walk_search(y0, y1, y2, c, dd, g, ax, q, nbr, origin, dims, cell, starts, items, coords, max_steps)
+                else:
+                    c, dd = _walk_one(y0, y1, y2, c, dd, g, ax, q, nbr, max_steps)
+                cc[i] = c
+                n0 = np.float64(nrm[g, c, 0])
+                n1 = np.float64(nrm[g, c, 1])
+                n2 = np.float64(nrm[g, c, 2])
+                rv = (x0 - q[g, c, 0]) * n0 + (x1 - q[g, c, 1]) * n1 + (x2 - q[g, c, 2]) * n2
+                res[i] = rv
+                f += rv * rv
+                y0 = x0 - o0
+                y1 = x1 - o1
+                y2 = x2 - o2
+                jac[i, 0] = (y1 * n2 - y2 * n1) / rho
+                jac[i, 1] = (y2 * n0 - y0 * n2) / rho
+                jac[i, 2] = (y0 * n1 - y1 * n0) / rho
+                jac[i, 3] = n0
+                jac[i, 4] = n1
+                jac[i, 5] = n2
+                jac[i, 6] = (n0 * y0 + n1 * y1 + n2 * y2) / rho
+            cur = np.sqrt(f / S)
+            iters[b] += 1
+            for u in range(dim):
+                acc = 0.0
+                for i in range(S):
+                    acc += jac[i, u] * res[i]
+                bvec[u] = acc
+                for w in range(u, dim):
+                    acc = 0.0
+                    for i in range(S):
+                        acc += jac[i, u] * jac[i, w]
+                    amat[u, w] = acc
+                    amat[w, u] = acc
+            prev = best
+            first = not np.isfinite(prev)
+            better = cur < prev
+            if better:
+                best = cur
+                br[:] = cr
+                bs = cs
+                bt[:] = ct
+                bc[:] = cc
+                best_a[:] = amat
+                best_b[:] = bvec
+                if not first:
+                    lam = max(lam / 4.0, damping)
+            else:
+                lam *= 10.0
+            if (better and not first and prev - cur <= rmse_rtol * prev) or lam > 1e4:
+                conv[b] = True
+                break
+            if k == max_iter - 1:
+                break
+            # next iterate: a damped step from the best iterate
+            tr = 0.0
+            for u in range(dim):
+                tr += best_a[u, u]
+            am = best_a.copy()
+            for u in range(dim):
+                am[u, u] += lam * tr / dim + 1e-300
+            delta = -_solve_spd(am, best_b)
+            w0 = delta[0] / rho
+            w1 = delta[1] / rho
+            w2 = delta[2] / rho
+            sig = delta[6] / rho if with_scale else 0.0
+            th = np.sqrt(w0 * w0 + w1 * w1 + w2 * w2)
+            rot = np.eye(3)
+            if th > 0:
+                k0 = w0 / th
+                k1 = w1 / th
+                k2 = w2 / th
+                kx = np.array([[0.0, -k2, k1], [k2, 0.0, -k0], [-k1, k0, 0.0]])
+                kk = kx @ kx
+                sn = np.sin(th)
+                cn = 1.0 - np.cos(th)
+                for u in range(3):
+                    for w in range(3):
+                        rot[u, w] += sn * kx[u, w] + cn * kk[u, w]
+            for u in range(3):
+                for w in range(3):
+                    cr[u, w] = rot[u, 0] * br[0, w] + rot[u, 1] * br[1, w] + rot[u, 2] * br[2, w]
+            v0 = bt[0] - o0
+            v1 = bt[1] - o1
+            v2 = bt[2] - o2
+            piv = (o0, o1, o2)
+            for u in range(3):
+                ct[u] = (1.0 + sig) * (rot[u, 0] * v0 + rot[u, 1] * v1 + rot[u, 2] * v2) + piv[u] + delta[3 + u]
+            cs = (1.0 + sig) * bs
+            moved = (th + abs(sig)) * rmax + np.sqrt(delta[3] * delta[3] + delta[4] * delta[4] + delta[5] * delta[5])
+            if moved <= tol:
+                conv[b] = True
+                break
+        out_r[b] = br
+        out_s[b] = bs
+        out_t[b] = bt
+        out_c[b] = bc
+    return out_r, out_s, out_t, iters, conv, out_c
+
+
+@njit(nogil=True, cache=True)
+def score_exact(p, r, s, t, ref_of, q, nrm, nbr, axes, origin, dims, cell, starts, items, coords, max_steps):  # pragma: no cover - compiled
+    """Exhaustively searched nearest vertices and signed point-to-plane distances of whole meshes.
+
+    p (a, m, 3) float32 points, moved by ``s R p + t`` in float32 (``icp._apply``); searched in
+    mesh order, each starting from the corresponding vertex or the previous answer shifted
+    (``nearest_exact`` with ``chain``). Returns near (a, m) int64 and d (a, m) float32
+    ``n_q . (x - q)``.
+    """
+    a_, m, _ = p.shape
+    n = q.shape[1]
+    near = np.empty((a_, m), np.int64)
+    dist = np.empty((a_, m), np.float32)
+    for b in range(a_):
+        g = ref_of[b]
+        ax = axes[g]
+        mm = np.empty((3, 3), np.float32)
+        for u in range(3):
+            for w in range(3):
+                mm[u, w] = np.float32(s[b] * r[b, u, w])
+        tt = t[b].astype(np.float32)
+        prev = -1
+        for i in range(m):
+            p0 = p[b, i, 0]
+            p1 = p[b, i, 1]
+            p2 = p[b, i, 2]
+            x0 = mm[0, 0] * p0 + mm[0, 1] * p1 + mm[0, 2] * p2 + tt[0]
+            x1 = mm[1, 0] * p0 + mm[1, 1] * p1 + mm[1, 2] * p2 + tt[1]
+            x2 = mm[2, 0] * p0 + mm[2, 1] * p1 + mm[2, 2] * p2 + tt[2]
+            z = (np.float64(x0), np.float64(x1), np.float64(x2))
+            y0 = z[ax[0]]
+            y1 = z[ax[1]]
+            y2 = z[ax[2]]
+            c = i % n
+            d0 = y0 - q[g, c, ax[0]]
+            d1 = y1 - q[g, c, ax[1]]
+            d2 = y2 - q[g, c, ax[2]]
+            best = d0 * d0 + d1 * d1 + d2 * d2
+            if i > 0:
+                c2 = prev + 1
+                if c2 < n and c2 != c:
+                    e0 = y0 - q[g, c2, ax[0]]
+                    e1 = y1 - q[g, c2, ax[1]]
+                    e2 = y2 - q[g, c2, ax[2]]
+                    dd = e0 * e0 + e1 * e1 + e2 * e2
+                    if dd < best:
+                        best = dd
+                        c = c2
+            c, best = _walk_search(y0, y1, y2, c, best, g, ax, q, nbr, origin, dims, cell, starts, items, coords, max_steps)
+            near[b, i] = c
+            prev = c
+            dist[b, i] = (x0 - q[g, c, 0]) * nrm[g, c, 0] + (x1 - q[g, c, 1]) * nrm[g, c, 1] + (x2 - q[g, c, 2]) * nrm[g, c, 2]
+    return near, dist

@@ -46,18 +46,22 @@ iteration vertices, each vertex starting from the closer of an adjacent solved v
 and that answer shifted by the vertex-id offset. ``nearest="exact"`` searches exhaustively everywhere,
 ``nearest="walk"`` the walk everywhere (parts included).
 
-**Exhaustive search** (``engine``). Two implementations give the same nearest vertices (up to
-exact distance ties, where the compiled one takes the lowest vertex id): a compiled kernel
-(:mod:`v2m_bench._nnkernel`, numba, used when it imports; numba comes with the project through
-librosa) that walks from a start vertex to bound the distance, then checks every vertex of a
-depth-sorted column grid within that bound; and scipy k-d trees (the fallback). The kernel is
-about three times faster per query.
+**Exhaustive search and the two implementations** (``engine``). ``"numba"`` (the default when
+numba imports; it comes with the project through librosa) runs the whole metric compiled
+(:mod:`v2m_bench._nnkernel`): normals, search grids, the correspondence fit's sums, the ICP
+iterations and the scores, prediction after prediction, with an exhaustive search that walks from a
+start vertex to bound the distance, then checks every vertex of a depth-sorted column grid within
+that bound. ``"kdtree"`` runs the numpy implementation below with scipy k-d trees (the fallback
+without numba; also used for torch devices and walk-only configurations). Both find the same
+nearest vertices (exact distance ties: the compiled search takes the lowest vertex id) and take the
+same steps; they group sums and solve the 6x6 systems differently, so transforms agree to about
+1e-13 and RMSEs to rounding (tested).
 
-Implementation: per-reference tables (centred float32 positions, normals, and each vertex's edge
-vectors to its candidates) are built once and shared by all predictions of that reference; points
-are processed in cache-sized chunks; ``threads`` chunks of references run in parallel; results do
-not depend on chunking, threads or batch composition. ``device`` (a torch device, e.g. ``"cuda"``)
-runs the global walk with torch; the default is numpy.
+Implementation of the numpy path: per-reference tables (centred float32 positions, normals, and
+each vertex's edge vectors to its candidates) are built once and shared by all predictions of that
+reference; points are processed in cache-sized chunks. In both paths ``threads`` chunks of
+references run in parallel and results do not depend on chunking, threads or batch composition.
+``device`` (a torch device, e.g. ``"cuda"``) runs the numpy path's global walk with torch.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ __all__ = [
 ]
 
 _POINT_CHUNK = 16384  # points per vectorised walk call (cache-sized temporaries; no effect on results)
+_GRID_CELL = 5.0  # column edge of the exhaustive search's grids, in mean vertex spacings (no effect on results)
 _REFS_PER_CHUNK = 4  # references whose predictions are processed together (no effect on results)
 
 
@@ -658,11 +663,17 @@ def _initial_fit(p: np.ndarray, q: np.ndarray, with_scale: bool):
     mp = mp + pc.mean(axis=0, dtype=np.float64)
     mq = mq + qc.mean(axis=0, dtype=np.float64)
     h = np.array([[np.sum(pc[:, j] * qc[:, k], dtype=np.float64) for k in range(3)] for j in range(3)])
+    return _fit_from_sums(mp, mq, h, float(np.sum(pc * pc, dtype=np.float64)), with_scale)
+
+
+def _fit_from_sums(mp, mq, h, pp, with_scale: bool):
+    """The closed-form fit from the means (3,), the cross-covariance sum h (3, 3) of the centred
+    coordinates and their squared norm sum ``pp``: rotation, scale, translation (float64)."""
     u, sv, vt = np.linalg.svd(h)
     d = np.ones(3)
     d[2] = np.sign(np.linalg.det(vt.T @ u.T)) or 1.0
     r = (vt.T * d) @ u.T
-    s = float((sv * d).sum() / max(float(np.sum(pc * pc, dtype=np.float64)), 1e-300)) if with_scale else 1.0
+    s = float((sv * d).sum() / max(float(pp), 1e-300)) if with_scale else 1.0
     return r, s, mq - s * r @ mp
 
 
@@ -921,6 +932,71 @@ def _process_chunk(be, plan: _Plan, pred, ref, samples, refs_in_chunk, group, wi
         _store(outs[1 + pi], samples, dr, ids[nr], rp, sp, tp, centroid[gl], itp_n, convp, upm, want)
 
 
+def _compiled_pipeline(cfg: IcpConfig, exact: bool, kernel, be) -> bool:
+    """The compiled pipeline (``_nnkernel``) runs the definition's searches (exhaustive score and
+    parts, the walk or, with ``nearest="exact"``, the exhaustive search in the global iterations)
+    on the host; the numpy implementation runs the rest (torch devices, walk scores)."""
+    return kernel is not None and be.name == "numpy" and cfg.score_nearest == "exact" and cfg.part_nearest == "exact"
+
+
+def _process_chunk_compiled(plan: _Plan, pred, ref, samples, refs_in_chunk, group, with_scale, cfg, outs, want, exact, kernel):
+    """``_process_chunk`` with every per-point loop compiled (numba): same steps, same answers up
+    to rounding (sums and the small linear solves are grouped differently)."""
+    upm = cfg.units_per_mm
+    tol = cfg.tolerance_mm * upm
+    g_local = {int(g): i for i, g in enumerate(refs_in_chunk)}
+    gl = np.array([g_local[int(group[b])] for b in samples], np.int64)
+    refc = np.asarray(ref[refs_in_chunk])
+    if not np.isfinite(refc).all():
+        raise ValidationError("contains NaN or infinite values", key="ref")
+    centroid = refc.mean(axis=1, dtype=np.float64)  # (G, 3)
+    q32 = np.ascontiguousarray((refc - centroid[:, None, :]).astype(np.float32))
+    nrm = kernel.normals32(q32, plan.triangles)
+    p = np.ascontiguousarray(np.asarray(pred[samples]), dtype=np.float32)
+    if not np.isfinite(p).all():
+        raise ValidationError("contains NaN or infinite values", key="pred")
+    a = len(samples)
+    # 1. closed-form correspondence fit
+    mp, mq, h, pp = kernel.cross_covariance(p, q32, gl)
+    r = np.empty((a, 3, 3))
+    s = np.empty(a)
+    t = np.empty((a, 3))
+    for i in range(a):
+        r[i], s[i], t[i] = _fit_from_sums(mp[i], mq[i], h[i], pp[i], with_scale)
+    # 2. global ICP on the iteration vertices (the walk; exhaustive with nearest="exact")
+    gnbr = plan.glob.graph.nbr
+    grid = kernel.build_grids(q32, _GRID_CELL)
+    it = plan.glob.it_local
+    c0 = np.ascontiguousarray(np.broadcast_to(it, (a, it.size)), dtype=np.int64)
+    r, s, t, iters, conv, _ = kernel.icp_iterate(
+        p[:, it].astype(np.float64), q32[gl][:, it].astype(np.float64), gl, r, s, t, c0, np.zeros((a, 3)), bool(with_scale),
+        int(cfg.max_iterations), float(cfg.damping), float(cfg.rmse_rtol), float(tol), bool(exact),
+        q32, nrm, gnbr, *grid, int(cfg.max_walk_steps),
+    )
+    # 3. score every vertex (exhaustive)
+    near, d = kernel.score_exact(p, r, s, t, gl, q32, nrm, gnbr, *grid, int(cfg.max_walk_steps))
+    _store(outs[0], samples, d, near, r, s, t, centroid[gl], iters, conv, upm, want)
+    # 4. parts: local ICP from the global transform, nearest vertices among the region's vertices
+    for pi, part in enumerate(plan.parts):
+        ids = part.ids
+        qp = np.ascontiguousarray(q32[:, ids])
+        npart = np.ascontiguousarray(nrm[:, ids])
+        pnbr = part.graph.nbr
+        pgrid = kernel.build_grids(qp, _GRID_CELL)
+        itp = part.it_local
+        loc = part.local_of[near[:, ids[itp]]]
+        warm = np.ascontiguousarray(np.where(loc >= 0, loc, itp[None, :]), dtype=np.int64)
+        q_r = qp[gl].astype(np.float64)
+        pv = np.ascontiguousarray(p[:, ids])
+        rp, sp, tp, itp_n, convp, _ = kernel.icp_iterate(
+            pv[:, itp].astype(np.float64), q_r[:, itp], gl, r, s, t, warm, q_r.mean(axis=1), bool(with_scale),
+            int(cfg.part_max_iterations), float(cfg.damping), float(cfg.rmse_rtol), float(tol), True,
+            qp, npart, pnbr, *pgrid, int(cfg.max_walk_steps),
+        )
+        nr, dr = kernel.score_exact(pv, rp, sp, tp, gl, qp, npart, pnbr, *pgrid, int(cfg.max_walk_steps))
+        _store(outs[1 + pi], samples, dr, ids[nr], rp, sp, tp, centroid[gl], itp_n, convp, upm, want)
+
+
 def _apply(p, r, s, t) -> np.ndarray:
     """(a, n, 3) points -> s R p + t as float32."""
     return _transform(p, r, s, t, np.float32)
@@ -963,25 +1039,7 @@ class _Grids:
         self.nbr = np.ascontiguousarray(nbr, dtype=np.int64)
         self.kernel = kernel
         self.max_steps = int(max_steps)
-        g, n, _ = self.q32.shape
-        grids = []
-        for i in range(g):
-            # column edge: about five vertex spacings of a surface seen along its depth axis (any
-            # value gives the same answers; this one was the fastest on BFM faces)
-            q = self.q32[i]
-            ext = np.sort((q.max(axis=0) - q.min(axis=0)).astype(np.float64))[::-1]
-            cell = 5.0 * float(np.sqrt(ext[0] * ext[1] / max(n, 1))) or 1.0
-            grids.append(self.kernel.build_grid(self.q32[i], cell))
-        cmax = max(gr[4].size for gr in grids)
-        self.axes = np.stack([gr[0] for gr in grids]).astype(np.int64)
-        self.origin = np.stack([gr[1] for gr in grids]).astype(np.float64)
-        self.dims = np.stack([gr[2] for gr in grids]).astype(np.int64)
-        self.cell = np.array([gr[3] for gr in grids], np.float64)
-        self.starts = np.zeros((g, cmax), np.int32)
-        for i, gr in enumerate(grids):
-            self.starts[i, : gr[4].size] = gr[4]
-        self.items = np.stack([gr[5] for gr in grids]).astype(np.int32)
-        self.coords = np.stack([gr[6] for gr in grids]).astype(np.float32)
+        self.axes, self.origin, self.dims, self.cell, self.starts, self.items, self.coords = kernel.build_grids(self.q32, _GRID_CELL)
 
     def query(self, x, gl, start=None) -> np.ndarray:
         a, s = x.shape[:2]
@@ -1165,9 +1223,12 @@ def icp_scores(
     progress : bool
         Show a progress bar (tqdm) when on a terminal.
     engine : {None, "auto", "numba", "kdtree"}
-        The exhaustive nearest-vertex search: the compiled walk + grid search (numba, the default
-        when it imports; it is installed with the project) or scipy k-d trees. Both are exact, so
-        the scores are the same (up to exact distance ties); numba is several times faster.
+        The implementation: the compiled pipeline (numba, the default when it imports; it is
+        installed with the project) or the numpy path with scipy k-d trees. Both search
+        exhaustively and take the same steps, so the nearest vertices are the same (up to exact
+        distance ties) and the scores agree to rounding; numba is several times faster. With a
+        torch ``device`` or a walk-only configuration the numpy path runs (its exhaustive
+        searches still use the compiled kernel when numba imports).
 
     Returns
     -------
@@ -1202,8 +1263,13 @@ def icp_scores(
         sel = order[np.isin(grp[order], refs_c)]
         chunks.append((sel, refs_c))
 
+    compiled = _compiled_pipeline(config, nearest == "exact", kernel, be)
+
     def work(ch):
-        _process_chunk(be, plan, pred, ref, ch[0], ch[1], grp, with_scale, config, outs, want, nearest == "exact", kernel)
+        if compiled:
+            _process_chunk_compiled(plan, pred, ref, ch[0], ch[1], grp, with_scale, config, outs, want, nearest == "exact", kernel)
+        else:
+            _process_chunk(be, plan, pred, ref, ch[0], ch[1], grp, with_scale, config, outs, want, nearest == "exact", kernel)
         return ch[0].size
 
     nthreads = threads if threads is not None else min(os.cpu_count() or 1, 8)
