@@ -7,8 +7,6 @@ import pytest
 from v2m_bench import BFMNotFoundError, ValidationError, load_bfm
 from v2m_bench.bfm import BFM_FILES, find_bfm_dir
 
-from conftest import make_small_model
-
 
 def test_small_model_vertices_are_linear(small_model):
     m = small_model

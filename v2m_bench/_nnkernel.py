@@ -418,7 +418,7 @@ def _solve_spd(a, b):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
-def icp_iterate(p_it, q_it, ref_of, r, s, t, start, pivot, with_scale, max_iter, damping, rmse_rtol, tol, exact,
+def icp_iterate(p_it, q_it, ref_of, r, s, t, start, pivot, max_iter, damping, rmse_rtol, tol, exact,
                 q, nrm, nbr, axes, origin, dims, cell, starts, items, coords, max_steps):  # pragma: no cover - compiled
     """Levenberg-Marquardt point-to-plane ICP of each sample (``icp._icp_iterations``, compiled).
 
@@ -429,7 +429,7 @@ def icp_iterate(p_it, q_it, ref_of, r, s, t, start, pivot, with_scale, max_iter,
     the evaluations, converged flags and nearest vertices.
     """
     a_, S, _ = p_it.shape
-    dim = 7 if with_scale else 6
+    dim = 6
     out_r = r.copy()
     out_s = s.copy()
     out_t = t.copy()
@@ -439,7 +439,7 @@ def icp_iterate(p_it, q_it, ref_of, r, s, t, start, pivot, with_scale, max_iter,
     x = np.empty((S, 3))
     cc = np.empty(S, np.int64)
     res = np.empty(S)
-    jac = np.empty((S, 7))
+    jac = np.empty((S, 6))
     amat = np.empty((dim, dim))
     bvec = np.empty(dim)
     best_a = np.empty((dim, dim))
@@ -525,7 +525,6 @@ def icp_iterate(p_it, q_it, ref_of, r, s, t, start, pivot, with_scale, max_iter,
                 jac[i, 3] = n0
                 jac[i, 4] = n1
                 jac[i, 5] = n2
-                jac[i, 6] = (n0 * y0 + n1 * y1 + n2 * y2) / rho
             cur = np.sqrt(f / S)
             iters[b] += 1
             for u in range(dim):
@@ -570,7 +569,6 @@ def icp_iterate(p_it, q_it, ref_of, r, s, t, start, pivot, with_scale, max_iter,
             w0 = delta[0] / rho
             w1 = delta[1] / rho
             w2 = delta[2] / rho
-            sig = delta[6] / rho if with_scale else 0.0
             th = np.sqrt(w0 * w0 + w1 * w1 + w2 * w2)
             rot = np.eye(3)
             if th > 0:
@@ -592,9 +590,8 @@ def icp_iterate(p_it, q_it, ref_of, r, s, t, start, pivot, with_scale, max_iter,
             v2 = bt[2] - o2
             piv = (o0, o1, o2)
             for u in range(3):
-                ct[u] = (1.0 + sig) * (rot[u, 0] * v0 + rot[u, 1] * v1 + rot[u, 2] * v2) + piv[u] + delta[3 + u]
-            cs = (1.0 + sig) * bs
-            moved = (th + abs(sig)) * rmax + np.sqrt(delta[3] * delta[3] + delta[4] * delta[4] + delta[5] * delta[5])
+                ct[u] = rot[u, 0] * v0 + rot[u, 1] * v1 + rot[u, 2] * v2 + piv[u] + delta[3 + u]
+            moved = th * rmax + np.sqrt(delta[3] * delta[3] + delta[4] * delta[4] + delta[5] * delta[5])
             if moved <= tol:
                 conv[b] = True
                 break

@@ -8,12 +8,15 @@ words, and every constant lives in :class:`IcpConfig`.
 Global score, per prediction against the reference of its group
 -----------------------------------------------------------------
 1. **Initial alignment.** Closed-form least-squares fit over all vertex pairs (prediction vertex
-   ``i`` corresponds to reference vertex ``i``): Kabsch, or Umeyama with ``with_scale``.
+   ``i`` corresponds to reference vertex ``i``): Kabsch, or Umeyama with ``with_scale``, whose
+   scale is then kept (the ICP refines rotation and translation only: a point-to-plane cost
+   cannot estimate a scale, as shrinking the prediction towards one point on the surface drives
+   it to zero; NoW likewise takes its scale from a similarity fit and refines rigidly).
 2. **ICP** on ``n_iteration_vertices`` fixed *iteration vertices* (the smallest values of a frozen
    integer hash of the vertex id, :func:`iteration_vertices`). Every iterate (transform) is
    evaluated: nearest reference vertex of each iteration vertex, its area-weighted unit normal,
    and the RMS point-to-plane residual ``f``. The next iterate is a Levenberg-Marquardt step of the
-   linearised rigid (6 unknowns) or similarity (7) problem from the best iterate so far, applied
+   linearised rigid problem (6 unknowns) from the best iterate so far, applied
    exactly (Rodrigues rotation); an iterate that does not lower ``f`` is rejected and the damping
    raised. A sample stops on a negligible gain (``rmse_rtol``), a negligible step
    (``tolerance_mm``), a damping above 1e4 or ``max_iterations`` evaluations, and keeps its best
@@ -104,8 +107,7 @@ class IcpConfig:
         Maximum ICP iterates of each part's local registration.
     tolerance_mm : float
         A sample stops when a step moves no iteration vertex by more than this:
-        ``(|omega| + |sigma|) * r_max + |tau|`` (rotation angle, relative scale change,
-        translation; ``r_max`` the largest distance of a reference iteration vertex from the
+        ``|omega| * r_max + |tau|`` (rotation angle, translation; ``r_max`` the largest distance of a reference iteration vertex from the
         rotation centre).
     rmse_rtol : float
         ... or when an accepted iterate lowers the RMS point-to-plane residual of the iteration
@@ -117,8 +119,8 @@ class IcpConfig:
         Vertices used by each part's ICP iterations (all region vertices when fewer).
     damping : float
         Smallest relative Levenberg-Marquardt damping: the step solves
-        ``(A + lambda * trace(A) / dim * I) delta = -b`` (rotation and scale unknowns scaled by
-        the RMS radius of the reference iteration vertices about the rotation centre). ``lambda``
+        ``(A + lambda * trace(A) / 6 * I) delta = -b`` (rotation unknowns scaled by the RMS
+        radius of the reference iteration vertices about the rotation centre). ``lambda``
         starts at ``damping``, is divided by 4 (not below ``damping``) after an iterate that
         lowers the RMS residual and multiplied by 10 after one that does not, the step being
         recomputed from the best iterate; a sample stops when ``lambda`` exceeds 1e4.
@@ -184,7 +186,8 @@ class IcpResult:
     translation : ndarray, shape (B, 3), float64
         Input units (BFM units).
     scale : ndarray, shape (B,), float64
-        1 unless ``with_scale``.
+        1 unless ``with_scale`` (then the Umeyama scale of the correspondence fit, kept by the
+        ICP).
     iterations : ndarray, shape (B,), int64
         ICP iterates evaluated (nearest-vertex searches on the iteration vertices).
     converged : ndarray, shape (B,), bool
@@ -677,7 +680,7 @@ def _fit_from_sums(mp, mq, h, pp, with_scale: bool):
     return r, s, mq - s * r @ mp
 
 
-def _icp_iterations(be, tab, p_it, q_it, base, r, s, t, c, pivot, with_scale, max_iter, cfg, trees=None):
+def _icp_iterations(be, tab, p_it, q_it, base, r, s, t, c, pivot, max_iter, cfg, trees=None):
     """Point-to-plane ICP (Levenberg-Marquardt) on iteration vertices, batched over samples.
 
     p_it (a, S, 3) float64 prediction iteration vertices; q_it (a, S, 3) float64 reference
@@ -698,7 +701,7 @@ def _icp_iterations(be, tab, p_it, q_it, base, r, s, t, c, pivot, with_scale, ma
     r, s, t, c = r.copy(), s.copy(), t.copy(), np.array(c, dtype=np.int64)
     best_r, best_s, best_t, best_c = r.copy(), s.copy(), t.copy(), c.copy()
     best = np.full(a, np.inf)
-    dim = 7 if with_scale else 6
+    dim = 6
     best_a = np.zeros((a, dim, dim))
     best_b = np.zeros((a, dim))
     lam = np.full(a, float(cfg.damping))
@@ -729,11 +732,9 @@ def _icp_iterations(be, tab, p_it, q_it, base, r, s, t, c, pivot, with_scale, ma
         cur = np.sqrt(_rowsum(res * res) / S)
         iters[act] += 1
         # normal equations of the linearised update about the pivot:
-        # x' = (1 + sigma) Rot(omega) (x - o) + o + tau, rotation/scale unknowns scaled by rho
+        # x' = Rot(omega) (x - o) + o + tau, rotation unknowns scaled by rho
         y = x - pivot[act, None, :]
         cols = [np.cross(y, nrm) / rho[act, None, None], nrm]
-        if with_scale:
-            cols.append(_dot3(nrm, y)[..., None] / rho[act, None, None])
         jac = np.ascontiguousarray(np.moveaxis(np.concatenate(cols, axis=2), 2, 1))  # (a', dim, S)
         amat = np.empty((act.size, dim, dim))
         bvec = np.empty((act.size, dim))
@@ -764,13 +765,11 @@ def _icp_iterations(be, tab, p_it, q_it, base, r, s, t, c, pivot, with_scale, ma
         delta = -np.linalg.solve(am, best_b[act][..., None])[..., 0]
         w = delta[:, :3] / rho[act, None]
         tau = delta[:, 3:6]
-        sig = delta[:, 6] / rho[act] if with_scale else np.zeros(act.size)
         rot = _rotation_from_vector(w)
         piv = pivot[act]
         r[act] = _mat3(rot, best_r[act])
-        t[act] = (1.0 + sig)[:, None] * _matvec3(rot, best_t[act] - piv) + piv + tau
-        s[act] = (1.0 + sig) * best_s[act]
-        moved = (np.linalg.norm(w, axis=1) + np.abs(sig)) * rmax[act] + np.linalg.norm(tau, axis=1)
+        t[act] = _matvec3(rot, best_t[act] - piv) + piv + tau
+        moved = np.linalg.norm(w, axis=1) * rmax[act] + np.linalg.norm(tau, axis=1)
         tiny = moved <= tol
         conv[act[tiny]] = True
         act = act[~tiny]
@@ -888,7 +887,7 @@ def _process_chunk(be, plan: _Plan, pred, ref, samples, refs_in_chunk, group, wi
     gtrees = _make_trees(q32, gp.nbr, kernel, cfg.max_walk_steps) if (exact or cfg.score_nearest == "exact") else None
     r, s, t, iters, conv, c_it = _icp_iterations(
         be, tab, p[:, it].astype(np.float64), q_gl[:, it].astype(np.float64), base, r, s, t, c0, np.zeros((a, 3)),
-        with_scale, cfg.max_iterations, cfg, gtrees if exact else None,
+        cfg.max_iterations, cfg, gtrees if exact else None,
     )
     # 3. score every vertex
     if exact or cfg.score_nearest == "exact":
@@ -923,7 +922,7 @@ def _process_chunk(be, plan: _Plan, pred, ref, samples, refs_in_chunk, group, wi
         q_r = q_gl[:, ids].astype(np.float64)
         rp, sp, tp, itp_n, convp, c_p = _icp_iterations(
             be, ptab, p[:, ids[itp]].astype(np.float64), q_r[:, itp], pbase, r, s, t, warm, q_r.mean(axis=1),
-            with_scale, cfg.part_max_iterations, cfg, trees,
+            cfg.part_max_iterations, cfg, trees,
         )
         if use_trees:
             nr, dr = _exact_pass(q32[:, ids], nrm[:, ids], gl, _apply(p[:, ids], rp, sp, tp), trees)
@@ -969,7 +968,7 @@ def _process_chunk_compiled(plan: _Plan, pred, ref, samples, refs_in_chunk, grou
     it = plan.glob.it_local
     c0 = np.ascontiguousarray(np.broadcast_to(it, (a, it.size)), dtype=np.int64)
     r, s, t, iters, conv, _ = kernel.icp_iterate(
-        p[:, it].astype(np.float64), q32[gl][:, it].astype(np.float64), gl, r, s, t, c0, np.zeros((a, 3)), bool(with_scale),
+        p[:, it].astype(np.float64), q32[gl][:, it].astype(np.float64), gl, r, s, t, c0, np.zeros((a, 3)),
         int(cfg.max_iterations), float(cfg.damping), float(cfg.rmse_rtol), float(tol), bool(exact),
         q32, nrm, gnbr, *grid, int(cfg.max_walk_steps),
     )
@@ -989,7 +988,7 @@ def _process_chunk_compiled(plan: _Plan, pred, ref, samples, refs_in_chunk, grou
         q_r = qp[gl].astype(np.float64)
         pv = np.ascontiguousarray(p[:, ids])
         rp, sp, tp, itp_n, convp, _ = kernel.icp_iterate(
-            pv[:, itp].astype(np.float64), q_r[:, itp], gl, r, s, t, warm, q_r.mean(axis=1), bool(with_scale),
+            pv[:, itp].astype(np.float64), q_r[:, itp], gl, r, s, t, warm, q_r.mean(axis=1),
             int(cfg.part_max_iterations), float(cfg.damping), float(cfg.rmse_rtol), float(tol), True,
             qp, npart, pnbr, *pgrid, int(cfg.max_walk_steps),
         )
@@ -1208,7 +1207,8 @@ def icp_scores(
     group : array_like, shape (B,), int, optional
         Reference index of each prediction; default ``arange(B)`` when G == B, zeros when G == 1.
     with_scale : bool
-        Similarity instead of rigid registration (initial fit and ICP).
+        Similarity instead of rigid registration: the correspondence fit estimates a scale
+        (Umeyama) and the ICP keeps it, refining rotation and translation.
     config : IcpConfig
     return_distances : bool
         Also return per-vertex signed distances (mm) and nearest reference vertices.
