@@ -464,6 +464,54 @@ def test_engine_choice_is_validated_and_falls_back_without_numba(small_model, mo
     np.testing.assert_array_equal(fallback, icp_rmse(pred, ref, small_model.triangles, engine="kdtree").rmse)
 
 
+def test_ball_search_bounds_the_second_nearest_vertex():
+    """``_search_ball`` (the part ICPs' searches that let a point be re-used while it moves less
+    than half the gap to its second-nearest vertex): exact nearest vertex within the radius, and a
+    second-nearest bound that is never above the truth; checked by brute force on the folded
+    sheet with duplicated vertices."""
+    nnk = pytest.importorskip("v2m_bench._nnkernel")
+    v, tri = _folded_sheet()
+    q32 = (v - v.mean(0)).astype(np.float32)[None]
+    rng = np.random.default_rng(5)
+    pts = (q32[0][rng.integers(0, v.shape[0], 1500)] + rng.normal(scale=[2_000, 2_000, 1_200], size=(1500, 3))).astype(np.float32)
+    axes, origin, dims, cell, starts, items, coords = nnk.build_grids(q32, 5.0)
+    qq = q32[0].astype(np.float64)
+    n_ties = n_found = 0
+    for x, r0 in zip(pts.astype(np.float64), rng.uniform(500.0, 6_000.0, pts.shape[0])):
+        y = x[axes[0]]
+        c, d2, lb2 = nnk._search_ball(y[0], y[1], y[2], r0, 0, origin, dims, cell, starts, items, coords)
+        dist = ((x - qq) ** 2).sum(1)
+        order = np.lexsort((np.arange(dist.size), dist))
+        if dist[order[0]] <= r0 * r0:
+            n_found += 1
+            assert c == order[0] and d2 == dist[order[0]]
+            assert lb2 <= dist[order[1]] and lb2 <= r0 * r0
+            n_ties += dist[order[1]] == dist[order[0]]
+            assert lb2 >= min(dist[order[1]], r0 * r0) * (1 - 1e-12)  # and it is the tight bound
+        else:  # nothing within r0: at most a farther vertex seen on the way
+            assert c == -1 or d2 > r0 * r0
+    assert n_found > 500 and n_ties > 0
+
+
+def test_point_reuse_in_the_part_icps_does_not_change_results(small_model, monkeypatch):
+    pytest.importorskip("numba")
+    from v2m_bench import icp as icp_mod
+
+    ref = _faces(small_model, 2, seed=31)
+    pred = _faces(small_model, 6, seed=32, scale=0.6)
+    group = np.repeat([0, 1], 3)
+    regions = {"left": small_model.mean[:, 0] > 0, "top": small_model.mean[:, 1] > 0}
+    out = []
+    for margin in (0.0, 0.2, 1.0):
+        monkeypatch.setattr(icp_mod, "_CERT_MARGIN_MM", margin)
+        out.append(icp_scores(pred, ref, small_model.triangles, regions, group=group, engine="numba", return_distances=True)[1])
+    for other in out[1:]:
+        for k in regions:
+            np.testing.assert_array_equal(out[0][k].rotation, other[k].rotation)
+            np.testing.assert_array_equal(out[0][k].iterations, other[k].iterations)
+            np.testing.assert_array_equal(out[0][k].nearest, other[k].nearest)
+
+
 def test_column_grid_orders_vertices_by_column_then_depth_then_id():
     nnk = pytest.importorskip("v2m_bench._nnkernel")
     rng = np.random.default_rng(0)

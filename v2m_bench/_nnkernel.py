@@ -117,6 +117,83 @@ def _search(x0, x1, x2, c, best, g, origin, dims, cell, starts, items, coords): 
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _search_ball(x0, x1, x2, r0, g, origin, dims, cell, starts, items, coords):  # pragma: no cover - compiled
+    """Every vertex within distance ``r0`` of a point (column frame of reference ``g``): the
+    closest (lowest id on an exact tie) and a lower bound of the second-closest distance.
+
+    Returns (c, d2, lb2): the nearest vertex and its squared distance (when none lies within
+    ``r0``: -1, or a farther vertex met on the way), and min(second-smallest squared distance
+    among them, r0^2): no vertex other than ``c`` is closer than sqrt(lb2).
+    """
+    rr = r0 * r0
+    h = cell[g]
+    o0 = origin[g, 0]
+    o1 = origin[g, 1]
+    n0 = dims[g, 0]
+    n1 = dims[g, 1]
+    lo0 = max(int(np.floor((x0 - r0 - o0) / h)), 0)
+    hi0 = min(int(np.floor((x0 + r0 - o0) / h)), n0 - 1)
+    lo1 = max(int(np.floor((x1 - r0 - o1) / h)), 0)
+    hi1 = min(int(np.floor((x1 + r0 - o1) / h)), n1 - 1)
+    c = -1
+    best = np.inf
+    second = rr
+    for i in range(lo0, hi0 + 1):
+        g0 = o0 + i * h
+        e0 = g0 - x0
+        if x0 - (g0 + h) > e0:
+            e0 = x0 - (g0 + h)
+        if e0 < 0.0:
+            e0 = 0.0
+        for j in range(lo1, hi1 + 1):
+            g1 = o1 + j * h
+            e1 = g1 - x1
+            if x1 - (g1 + h) > e1:
+                e1 = x1 - (g1 + h)
+            if e1 < 0.0:
+                e1 = 0.0
+            lat = e0 * e0 + e1 * e1
+            if lat > rr:
+                continue
+            s0 = starts[g, i * n1 + j]
+            s1 = starts[g, i * n1 + j + 1]
+            if s0 == s1:
+                continue
+            w = np.sqrt(rr - lat) * (1.0 + 1e-9) + 1e-9
+            zlo = x2 - w
+            zhi = x2 + w
+            a_ = s0
+            b_ = s1
+            while a_ < b_:
+                mid = (a_ + b_) >> 1
+                if coords[g, 2, mid] < zlo:
+                    a_ = mid + 1
+                else:
+                    b_ = mid
+            for p in range(a_, s1):
+                z = coords[g, 2, p]
+                if z > zhi:
+                    break
+                d0 = x0 - coords[g, 0, p]
+                d1 = x1 - coords[g, 1, p]
+                d2 = x2 - z
+                dv = d0 * d0 + d1 * d1 + d2 * d2
+                if dv < best:
+                    if best < second:
+                        second = best
+                    best = dv
+                    c = items[g, p]
+                elif dv == best:
+                    second = dv
+                    v = items[g, p]
+                    if v < c:
+                        c = v
+                elif dv < second:
+                    second = dv
+    return c, best, second
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _walk_search(y0, y1, y2, c, best, g, ax, q, nbr, origin, dims, cell, starts, items, coords, max_steps):  # pragma: no cover - compiled
     """Walk from ``c`` (squared distance ``best``) to a local minimum, then the exhaustive check."""
     c, best = _walk_one(y0, y1, y2, c, best, g, ax, q, nbr, max_steps)
@@ -418,7 +495,7 @@ def _solve_spd(a, b):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
-def icp_iterate(p_it, q_it, ref_of, r, s, t, start, pivot, max_iter, damping, rmse_rtol, tol, exact,
+def icp_iterate(p_it, q_it, ref_of, r, s, t, start, pivot, max_iter, damping, rmse_rtol, tol, exact, margin,
                 q, nrm, nbr, axes, origin, dims, cell, starts, items, coords, max_steps):  # pragma: no cover - compiled
     """Levenberg-Marquardt point-to-plane ICP of each sample (``icp._icp_iterations``, compiled).
 
@@ -444,7 +521,13 @@ def icp_iterate(p_it, q_it, ref_of, r, s, t, start, pivot, max_iter, damping, rm
     bvec = np.empty(dim)
     best_a = np.empty((dim, dim))
     best_b = np.empty(dim)
+    # exact mode: the last exhaustive answer of each point, where it was searched and how far the
+    # point may move before another vertex could be closer (the "slack"; -1: none)
+    xcert = np.empty((S, 3))
+    ccert = np.empty(S, np.int64)
+    slack = np.empty(S)
     for b in range(a_):
+        slack[:] = -1.0
         g = ref_of[b]
         ax = axes[g]
         cr = r[b].copy()
@@ -501,14 +584,36 @@ def icp_iterate(p_it, q_it, ref_of, r, s, t, start, pivot, max_iter, damping, rm
                 y1 = z[ax[1]]
                 y2 = z[ax[2]]
                 c = bc[i]
-                d0 = y0 - q[g, c, ax[0]]
-                d1 = y1 - q[g, c, ax[1]]
-                d2 = y2 - q[g, c, ax[2]]
-                dd = d0 * d0 + d1 * d1 + d2 * d2
-                if exact:
-                    c, dd = _walk_search(y0, y1, y2, c, dd, g, ax, q, nbr, origin, dims, cell, starts, items, coords, max_steps)
+                moved2 = np.inf
+                if slack[i] > 0.0:
+                    e0 = y0 - xcert[i, 0]
+                    e1 = y1 - xcert[i, 1]
+                    e2 = y2 - xcert[i, 2]
+                    moved2 = e0 * e0 + e1 * e1 + e2 * e2
+                if moved2 < slack[i] * slack[i]:
+                    # still the exhaustive answer: within (second - first) / 2 of where it was
+                    # searched, no other vertex can have come closer
+                    c = ccert[i]
                 else:
-                    c, dd = _walk_one(y0, y1, y2, c, dd, g, ax, q, nbr, max_steps)
+                    d0 = y0 - q[g, c, ax[0]]
+                    d1 = y1 - q[g, c, ax[1]]
+                    d2 = y2 - q[g, c, ax[2]]
+                    dd = d0 * d0 + d1 * d1 + d2 * d2
+                    if exact:
+                        c, dd = _walk_one(y0, y1, y2, c, dd, g, ax, q, nbr, max_steps)
+                        if margin > 0.0:
+                            c, dd, lb2 = _search_ball(y0, y1, y2, np.sqrt(dd) * (1.0 + 1e-9) + 1e-9 + margin, g, origin,
+                                                      dims, cell, starts, items, coords)
+                            sl = 0.5 * (np.sqrt(lb2) - np.sqrt(dd)) * (1.0 - 1e-9) - 1e-6
+                            slack[i] = sl
+                            ccert[i] = c
+                            xcert[i, 0] = y0
+                            xcert[i, 1] = y1
+                            xcert[i, 2] = y2
+                        else:
+                            c, dd = _search(y0, y1, y2, c, dd, g, origin, dims, cell, starts, items, coords)
+                    else:
+                        c, dd = _walk_one(y0, y1, y2, c, dd, g, ax, q, nbr, max_steps)
                 cc[i] = c
                 n0 = np.float64(nrm[g, c, 0])
                 n1 = np.float64(nrm[g, c, 1])

@@ -90,6 +90,7 @@ __all__ = [
 ]
 
 _POINT_CHUNK = 16384  # points per vectorised walk call (cache-sized temporaries; no effect on results)
+_CERT_MARGIN_MM = 0.2  # extra search radius of the part ICPs' exhaustive searches, for reuse (no effect on results)
 _GRID_CELL = 5.0  # column edge of the exhaustive search's grids, in mean vertex spacings (no effect on results)
 _REFS_PER_CHUNK = 4  # references whose predictions are processed together (no effect on results)
 
@@ -969,7 +970,7 @@ def _process_chunk_compiled(plan: _Plan, pred, ref, samples, refs_in_chunk, grou
     c0 = np.ascontiguousarray(np.broadcast_to(it, (a, it.size)), dtype=np.int64)
     r, s, t, iters, conv, _ = kernel.icp_iterate(
         p[:, it].astype(np.float64), q32[gl][:, it].astype(np.float64), gl, r, s, t, c0, np.zeros((a, 3)),
-        int(cfg.max_iterations), float(cfg.damping), float(cfg.rmse_rtol), float(tol), bool(exact),
+        int(cfg.max_iterations), float(cfg.damping), float(cfg.rmse_rtol), float(tol), bool(exact), float(_CERT_MARGIN_MM * upm),
         q32, nrm, gnbr, *grid, int(cfg.max_walk_steps),
     )
     # 3. score every vertex (exhaustive)
@@ -989,7 +990,7 @@ def _process_chunk_compiled(plan: _Plan, pred, ref, samples, refs_in_chunk, grou
         pv = np.ascontiguousarray(p[:, ids])
         rp, sp, tp, itp_n, convp, _ = kernel.icp_iterate(
             pv[:, itp].astype(np.float64), q_r[:, itp], gl, r, s, t, warm, q_r.mean(axis=1),
-            int(cfg.part_max_iterations), float(cfg.damping), float(cfg.rmse_rtol), float(tol), True,
+            int(cfg.part_max_iterations), float(cfg.damping), float(cfg.rmse_rtol), float(tol), True, float(_CERT_MARGIN_MM * upm),
             qp, npart, pnbr, *pgrid, int(cfg.max_walk_steps),
         )
         nr, dr = kernel.score_exact(pv, rp, sp, tp, gl, qp, npart, pnbr, *pgrid, int(cfg.max_walk_steps))
