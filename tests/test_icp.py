@@ -512,6 +512,21 @@ def test_point_reuse_in_the_part_icps_does_not_change_results(small_model, monke
             np.testing.assert_array_equal(out[0][k].nearest, other[k].nearest)
 
 
+def test_compiled_kernels_compile_once_whatever_the_batch(small_model):
+    """Arrays reach the kernels in one layout, so a user's first run compiles each kernel once
+    (about 15 s in all), not once per batch shape (a (1, S) array is also Fortran-ordered)."""
+    nnk = pytest.importorskip("v2m_bench._nnkernel")
+    ref = _faces(small_model, 2, seed=41)
+    pred = _faces(small_model, 6, seed=42, scale=0.6)
+    regions = {"left": small_model.mean[:, 0] > 0}
+    icp_scores(pred[:1], ref[:1], small_model.triangles, regions, engine="numba")
+    icp_scores(pred[:3], ref[:1], small_model.triangles, regions, engine="numba", threads=1)
+    icp_scores(pred, ref, small_model.triangles, regions, group=np.repeat([0, 1], 3), engine="numba", with_scale=True)
+    icp_scores(pred[:2], ref[:2], small_model.triangles, None, engine="numba", nearest="exact", return_distances=True)
+    for name in ("normals32", "build_grids", "cross_covariance", "icp_iterate", "score_exact"):
+        assert len(getattr(nnk, name).signatures) == 1, (name, getattr(nnk, name).signatures)
+
+
 def test_column_grid_orders_vertices_by_column_then_depth_then_id():
     nnk = pytest.importorskip("v2m_bench._nnkernel")
     rng = np.random.default_rng(0)

@@ -939,6 +939,11 @@ def _compiled_pipeline(cfg: IcpConfig, exact: bool, kernel, be) -> bool:
     return kernel is not None and be.name == "numpy" and cfg.score_nearest == "exact" and cfg.part_nearest == "exact"
 
 
+def _c64(a) -> np.ndarray:
+    """A C-ordered float64 copy (the compiled kernels get one array layout, so one compilation)."""
+    return np.array(a, dtype=np.float64, order="C")
+
+
 def _process_chunk_compiled(plan: _Plan, pred, ref, samples, refs_in_chunk, group, with_scale, cfg, outs, want, exact, kernel):
     """``_process_chunk`` with every per-point loop compiled (numba): same steps, same answers up
     to rounding (sums and the small linear solves are grouped differently)."""
@@ -967,9 +972,9 @@ def _process_chunk_compiled(plan: _Plan, pred, ref, samples, refs_in_chunk, grou
     gnbr = plan.glob.graph.nbr
     grid = kernel.build_grids(q32, _GRID_CELL)
     it = plan.glob.it_local
-    c0 = np.ascontiguousarray(np.broadcast_to(it, (a, it.size)), dtype=np.int64)
+    c0 = np.array(np.broadcast_to(it, (a, it.size)), dtype=np.int64, order="C")  # writable, C-ordered
     r, s, t, iters, conv, _ = kernel.icp_iterate(
-        p[:, it].astype(np.float64), q32[gl][:, it].astype(np.float64), gl, r, s, t, c0, np.zeros((a, 3)),
+        _c64(p[:, it]), _c64(q32[gl[:, None], it[None, :]]), gl, r, s, t, c0, np.zeros((a, 3)),
         int(cfg.max_iterations), float(cfg.damping), float(cfg.rmse_rtol), float(tol), bool(exact), float(_CERT_MARGIN_MM * upm),
         q32, nrm, gnbr, *grid, int(cfg.max_walk_steps),
     )
@@ -985,11 +990,11 @@ def _process_chunk_compiled(plan: _Plan, pred, ref, samples, refs_in_chunk, grou
         pgrid = kernel.build_grids(qp, _GRID_CELL)
         itp = part.it_local
         loc = part.local_of[near[:, ids[itp]]]
-        warm = np.ascontiguousarray(np.where(loc >= 0, loc, itp[None, :]), dtype=np.int64)
-        q_r = qp[gl].astype(np.float64)
+        warm = np.array(np.where(loc >= 0, loc, itp[None, :]), dtype=np.int64, order="C")
+        q_r = _c64(qp[gl])
         pv = np.ascontiguousarray(p[:, ids])
         rp, sp, tp, itp_n, convp, _ = kernel.icp_iterate(
-            pv[:, itp].astype(np.float64), q_r[:, itp], gl, r, s, t, warm, q_r.mean(axis=1),
+            _c64(pv[:, itp]), _c64(q_r[:, itp]), gl, r, s, t, warm, q_r.mean(axis=1),
             int(cfg.part_max_iterations), float(cfg.damping), float(cfg.rmse_rtol), float(tol), True, float(_CERT_MARGIN_MM * upm),
             qp, npart, pnbr, *pgrid, int(cfg.max_walk_steps),
         )
