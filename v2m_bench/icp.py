@@ -932,7 +932,7 @@ def _process_chunk(be, plan: _Plan, pred, ref, samples, refs_in_chunk, group, wi
         _store(outs[1 + pi], samples, dr, ids[nr], rp, sp, tp, centroid[gl], itp_n, convp, upm, want)
 
 
-def _compiled_pipeline(cfg: IcpConfig, exact: bool, kernel, be) -> bool:
+def _compiled_pipeline(cfg: IcpConfig, kernel, be) -> bool:
     """The compiled pipeline (``_nnkernel``) runs the definition's searches (exhaustive score and
     parts, the walk or, with ``nearest="exact"``, the exhaustive search in the global iterations)
     on the host; the numpy implementation runs the rest (torch devices, walk scores)."""
@@ -1269,7 +1269,7 @@ def icp_scores(
         sel = order[np.isin(grp[order], refs_c)]
         chunks.append((sel, refs_c))
 
-    compiled = _compiled_pipeline(config, nearest == "exact", kernel, be)
+    compiled = _compiled_pipeline(config, kernel, be)
 
     def work(ch):
         if compiled:
