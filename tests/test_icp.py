@@ -336,6 +336,13 @@ def test_torch_backend_matches_numpy(small_model):
     b, bp = icp_scores(preds, refs, small_model.triangles, {"half": mask}, group=group, nearest="walk", device="cpu")
     np.testing.assert_allclose(b.rmse, a.rmse, rtol=1e-5)
     np.testing.assert_allclose(bp["half"].rmse, ap["half"].rmse, rtol=1e-5)
+    # the definition (exhaustive score and parts) on a torch device: the numpy path with torch
+    # walks, against the default (compiled when numba imports)
+    c, cp = icp_scores(preds, refs, small_model.triangles, {"half": mask}, group=group, device="cpu")
+    d, dp = icp_scores(preds, refs, small_model.triangles, {"half": mask}, group=group)
+    np.testing.assert_allclose(c.rmse, d.rmse, rtol=1e-5)
+    np.testing.assert_allclose(cp["half"].rmse, dp["half"].rmse, rtol=1e-5)
+    assert (c.nearest is None) and not np.allclose(c.rmse, a.rmse, rtol=1e-9)  # not the walk scores again
 
 
 # ------------------------------------------------------------------ exhaustive search engines
