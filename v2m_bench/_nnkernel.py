@@ -55,33 +55,51 @@ def _column_sort(key, depth, ncols):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _column_box(x0, x1, r, g, origin, dims, cell):  # pragma: no cover - compiled
+    """Index ranges (lo0, hi0, lo1, hi1) of the columns of grid ``g`` that meet [x - r, x + r]."""
+    h = cell[g]
+    lo0 = max(int(np.floor((x0 - r - origin[g, 0]) / h)), 0)
+    hi0 = min(int(np.floor((x0 + r - origin[g, 0]) / h)), dims[g, 0] - 1)
+    lo1 = max(int(np.floor((x1 - r - origin[g, 1]) / h)), 0)
+    hi1 = min(int(np.floor((x1 + r - origin[g, 1]) / h)), dims[g, 1] - 1)
+    return lo0, hi0, lo1, hi1
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _gap(x, lo, h):  # pragma: no cover - compiled
+    """Distance from ``x`` to the interval [lo, lo + h] (0 inside)."""
+    e = lo - x
+    if x - (lo + h) > e:
+        e = x - (lo + h)
+    return e if e > 0.0 else 0.0
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _first_at_depth(coords, g, s0, s1, zlo):  # pragma: no cover - compiled
+    """First position in the depth-sorted run [s0, s1) with depth >= zlo (binary search)."""
+    a_ = s0
+    b_ = s1
+    while a_ < b_:
+        mid = (a_ + b_) >> 1
+        if coords[g, 2, mid] < zlo:
+            a_ = mid + 1
+        else:
+            b_ = mid
+    return a_
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _search(x0, x1, x2, c, best, g, origin, dims, cell, starts, items, coords):  # pragma: no cover - compiled
     """Exhaustive check around one point (column frame of reference ``g``): the closest vertex
     within sqrt(best) of it, ``c`` kept on a tie unless a lower id ties."""
     r = np.sqrt(best) * (1.0 + 1e-9) + 1e-9
     h = cell[g]
-    o0 = origin[g, 0]
-    o1 = origin[g, 1]
-    n0 = dims[g, 0]
     n1 = dims[g, 1]
-    lo0 = max(int(np.floor((x0 - r - o0) / h)), 0)
-    hi0 = min(int(np.floor((x0 + r - o0) / h)), n0 - 1)
-    lo1 = max(int(np.floor((x1 - r - o1) / h)), 0)
-    hi1 = min(int(np.floor((x1 + r - o1) / h)), n1 - 1)
+    lo0, hi0, lo1, hi1 = _column_box(x0, x1, r, g, origin, dims, cell)
     for i in range(lo0, hi0 + 1):
-        g0 = o0 + i * h
-        e0 = g0 - x0
-        if x0 - (g0 + h) > e0:
-            e0 = x0 - (g0 + h)
-        if e0 < 0.0:
-            e0 = 0.0
+        e0 = _gap(x0, origin[g, 0] + i * h, h)
         for j in range(lo1, hi1 + 1):
-            g1 = o1 + j * h
-            e1 = g1 - x1
-            if x1 - (g1 + h) > e1:
-                e1 = x1 - (g1 + h)
-            if e1 < 0.0:
-                e1 = 0.0
+            e1 = _gap(x1, origin[g, 1] + j * h, h)
             if e0 * e0 + e1 * e1 > best:
                 continue
             s0 = starts[g, i * n1 + j]
@@ -89,18 +107,8 @@ def _search(x0, x1, x2, c, best, g, origin, dims, cell, starts, items, coords): 
             if s0 == s1:
                 continue
             r = np.sqrt(best) * (1.0 + 1e-9) + 1e-9
-            zlo = x2 - r
             zhi = x2 + r
-            # first vertex of the column with depth >= zlo (binary search)
-            a_ = s0
-            b_ = s1
-            while a_ < b_:
-                mid = (a_ + b_) >> 1
-                if coords[g, 2, mid] < zlo:
-                    a_ = mid + 1
-                else:
-                    b_ = mid
-            for p in range(a_, s1):
+            for p in range(_first_at_depth(coords, g, s0, s1, x2 - r), s1):
                 z = coords[g, 2, p]
                 if z > zhi:
                     break
@@ -127,31 +135,15 @@ def _search_ball(x0, x1, x2, r0, g, origin, dims, cell, starts, items, coords): 
     """
     rr = r0 * r0
     h = cell[g]
-    o0 = origin[g, 0]
-    o1 = origin[g, 1]
-    n0 = dims[g, 0]
     n1 = dims[g, 1]
-    lo0 = max(int(np.floor((x0 - r0 - o0) / h)), 0)
-    hi0 = min(int(np.floor((x0 + r0 - o0) / h)), n0 - 1)
-    lo1 = max(int(np.floor((x1 - r0 - o1) / h)), 0)
-    hi1 = min(int(np.floor((x1 + r0 - o1) / h)), n1 - 1)
+    lo0, hi0, lo1, hi1 = _column_box(x0, x1, r0, g, origin, dims, cell)
     c = -1
     best = np.inf
     second = rr
     for i in range(lo0, hi0 + 1):
-        g0 = o0 + i * h
-        e0 = g0 - x0
-        if x0 - (g0 + h) > e0:
-            e0 = x0 - (g0 + h)
-        if e0 < 0.0:
-            e0 = 0.0
+        e0 = _gap(x0, origin[g, 0] + i * h, h)
         for j in range(lo1, hi1 + 1):
-            g1 = o1 + j * h
-            e1 = g1 - x1
-            if x1 - (g1 + h) > e1:
-                e1 = x1 - (g1 + h)
-            if e1 < 0.0:
-                e1 = 0.0
+            e1 = _gap(x1, origin[g, 1] + j * h, h)
             lat = e0 * e0 + e1 * e1
             if lat > rr:
                 continue
@@ -160,17 +152,8 @@ def _search_ball(x0, x1, x2, r0, g, origin, dims, cell, starts, items, coords): 
             if s0 == s1:
                 continue
             w = np.sqrt(rr - lat) * (1.0 + 1e-9) + 1e-9
-            zlo = x2 - w
             zhi = x2 + w
-            a_ = s0
-            b_ = s1
-            while a_ < b_:
-                mid = (a_ + b_) >> 1
-                if coords[g, 2, mid] < zlo:
-                    a_ = mid + 1
-                else:
-                    b_ = mid
-            for p in range(a_, s1):
+            for p in range(_first_at_depth(coords, g, s0, s1, x2 - w), s1):
                 z = coords[g, 2, p]
                 if z > zhi:
                     break

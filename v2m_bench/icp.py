@@ -845,18 +845,31 @@ def _new_out(b, m, want):
     )
 
 
-def _process_chunk(be, plan: _Plan, pred, ref, samples, refs_in_chunk, group, with_scale, cfg, outs, want, exact, kernel=None):
-    """Score the predictions ``samples`` (all of whose references are ``refs_in_chunk``)."""
-    n = plan.n
-    upm = cfg.units_per_mm
-    ng = len(refs_in_chunk)
+def _chunk_references(ref, refs_in_chunk, group, samples):
+    """Local reference index of each sample (gl), the chunk's reference centroids (G, 3) float64
+    and their centred float32 vertices (G, N, 3), C-ordered."""
     g_local = {int(g): i for i, g in enumerate(refs_in_chunk)}
     gl = np.array([g_local[int(group[b])] for b in samples], np.int64)
     refc = np.asarray(ref[refs_in_chunk])
     if not np.isfinite(refc).all():
         raise ValidationError("contains NaN or infinite values", key="ref")
-    centroid = refc.mean(axis=1, dtype=np.float64)  # (G, 3)
-    q32 = (refc - centroid[:, None, :]).astype(np.float32)
+    centroid = refc.mean(axis=1, dtype=np.float64)
+    return gl, centroid, np.ascontiguousarray((refc - centroid[:, None, :]).astype(np.float32))
+
+
+def _chunk_predictions(pred, samples) -> np.ndarray:
+    p = np.asarray(pred[samples])
+    if not np.isfinite(p).all():
+        raise ValidationError("contains NaN or infinite values", key="pred")
+    return p
+
+
+def _process_chunk(be, plan: _Plan, pred, ref, samples, refs_in_chunk, group, with_scale, cfg, outs, want, exact, kernel=None):
+    """Score the predictions ``samples`` (all of whose references are ``refs_in_chunk``)."""
+    n = plan.n
+    upm = cfg.units_per_mm
+    ng = len(refs_in_chunk)
+    gl, centroid, q32 = _chunk_references(ref, refs_in_chunk, group, samples)
     nrm = np.empty_like(q32)
     gp = plan.glob.graph
     edges = np.empty((ng, n, 4 * gp.k), np.float32)
@@ -871,9 +884,7 @@ def _process_chunk(be, plan: _Plan, pred, ref, samples, refs_in_chunk, group, wi
         nbr_flat=be.int_index(gp.nbr.reshape(-1)),
     )
     a = len(samples)
-    p = np.asarray(pred[samples])
-    if not np.isfinite(p).all():
-        raise ValidationError("contains NaN or infinite values", key="pred")
+    p = _chunk_predictions(pred, samples)
     # 1. closed-form correspondence fit (float64)
     r = np.empty((a, 3, 3))
     s = np.empty(a)
@@ -949,17 +960,9 @@ def _process_chunk_compiled(plan: _Plan, pred, ref, samples, refs_in_chunk, grou
     to rounding (sums and the small linear solves are grouped differently)."""
     upm = cfg.units_per_mm
     tol = cfg.tolerance_mm * upm
-    g_local = {int(g): i for i, g in enumerate(refs_in_chunk)}
-    gl = np.array([g_local[int(group[b])] for b in samples], np.int64)
-    refc = np.asarray(ref[refs_in_chunk])
-    if not np.isfinite(refc).all():
-        raise ValidationError("contains NaN or infinite values", key="ref")
-    centroid = refc.mean(axis=1, dtype=np.float64)  # (G, 3)
-    q32 = np.ascontiguousarray((refc - centroid[:, None, :]).astype(np.float32))
+    gl, centroid, q32 = _chunk_references(ref, refs_in_chunk, group, samples)
     nrm = kernel.normals32(q32, plan.triangles)
-    p = np.ascontiguousarray(np.asarray(pred[samples]), dtype=np.float32)
-    if not np.isfinite(p).all():
-        raise ValidationError("contains NaN or infinite values", key="pred")
+    p = _chunk_predictions(pred, samples).astype(np.float32, order="C", copy=False)
     a = len(samples)
     # 1. closed-form correspondence fit
     mp, mq, h, pp = kernel.cross_covariance(p, q32, gl)
