@@ -108,8 +108,8 @@ class IcpConfig:
         Maximum ICP iterates of each part's local registration.
     tolerance_mm : float
         A sample stops when a step moves no iteration vertex by more than this:
-        ``|omega| * r_max + |tau|`` (rotation angle, translation; ``r_max`` the largest distance of a reference iteration vertex from the
-        rotation centre).
+        ``|omega| * r_max + |tau|`` (rotation angle, translation; ``r_max`` the largest
+        distance of a reference iteration vertex from the rotation centre).
     rmse_rtol : float
         ... or when an accepted iterate lowers the RMS point-to-plane residual of the iteration
         vertices by at most this fraction of the previous best. The result is always the
