@@ -401,6 +401,38 @@ def test_exhaustive_engines_find_the_exact_nearest_vertex(engine):
     assert (walk != want).sum() > 20
 
 
+def test_score_kernel_finds_the_exact_nearest_vertex():
+    """``score_exact`` checks the walk's answers in blocks of points sharing one gathered
+    candidate list (float32 counts): the same answers as brute force, ties to the lowest id
+    included, where the walk ends on the wrong sheet of a fold or on a duplicated vertex."""
+    nnk = pytest.importorskip("v2m_bench._nnkernel")
+    from v2m_bench import icp as icp_mod
+
+    v, tri = _folded_sheet()
+    n = v.shape[0]
+    rng = np.random.default_rng(8)
+    q32 = np.ascontiguousarray((v - v.mean(0)).astype(np.float32)[None])
+    near_sheet = q32[0][rng.integers(0, n, 3000)] + rng.normal(scale=[2_000, 2_000, 1_200], size=(3000, 3))
+    on_copies = q32[0][np.repeat(np.arange(5), 20)] + rng.normal(scale=30.0, size=(100, 3))  # exact ties
+    far = rng.normal(scale=60_000, size=(100, 3))
+    pts = np.concatenate([near_sheet, on_copies, far, q32[0][:5]]).astype(np.float32)
+    plan = icp_mod._make_plan(tri.astype(np.int64), n, {}, DEFAULT_ICP_CONFIG)
+    nbr = plan.glob.graph.nbr
+    nrm = nnk.normals32(q32, tri.astype(np.int64))
+    grid = nnk.build_grids(q32, icp_mod._GRID_CELL)
+    near, d = nnk.score_exact(np.ascontiguousarray(pts[None]), np.ascontiguousarray(np.eye(3)[None]), np.ones(1),
+                              np.zeros((1, 3)), np.zeros(1, np.int64), q32, nrm, nbr, *grid, DEFAULT_ICP_CONFIG.max_walk_steps)
+    want = _brute_nearest(pts, q32[0])
+    np.testing.assert_array_equal(near[0], want)
+    np.testing.assert_array_equal(d[0], ((pts - q32[0][want]) * nrm[0][want]).sum(1, dtype=np.float32))
+    # not trivially satisfied: the walk alone misses on the fold, and copies tie exactly
+    walk = nearest_vertices(pts, q32[0], tri, start=np.arange(pts.shape[0]) % n)[0]
+    assert (walk != want).sum() > 20
+    dist = ((pts.astype(np.float64)[:, None] - q32[0].astype(np.float64)[None]) ** 2).sum(-1)
+    two = np.sort(dist, axis=1)[:, :2]
+    assert (two[:, 0] == two[:, 1]).sum() >= 100
+
+
 def test_numba_and_kdtree_engines_give_the_same_scores(small_model):
     """numba runs the compiled pipeline, kdtree the numpy one: same nearest vertices and the same
     scores up to rounding (the sums and 6x6 solves group terms differently)."""

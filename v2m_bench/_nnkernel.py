@@ -690,19 +690,80 @@ def icp_iterate(p_it, q_it, ref_of, r, s, t, start, pivot, max_iter, damping, rm
     return out_r, out_s, out_t, iters, conv, out_c
 
 
+_SCORE_BLOCK = 6  # consecutive points whose checks share one gathered candidate list (no effect on results)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _gather_box(lo0, hi0, lo1, hi1, lo2, hi2, g, origin, dims, cell, starts, coords, lx, ly, lz):  # pragma: no cover - compiled
+    """Copy the vertices of reference ``g`` inside the box [lo, hi] (column frame) to the float32
+    lists lx, ly, lz; returns their number. Branch-free inner loop (the box test adds 0 or 1)."""
+    h = cell[g]
+    i0 = max(int(np.floor((lo0 - origin[g, 0]) / h)), 0)
+    i1 = min(int(np.floor((hi0 - origin[g, 0]) / h)), dims[g, 0] - 1)
+    j0 = max(int(np.floor((lo1 - origin[g, 1]) / h)), 0)
+    j1 = min(int(np.floor((hi1 - origin[g, 1]) / h)), dims[g, 1] - 1)
+    n1 = dims[g, 1]
+    cx = coords[g, 0]
+    cy = coords[g, 1]
+    cz = coords[g, 2]
+    nl = 0
+    for i in range(i0, i1 + 1):
+        for j in range(j0, j1 + 1):
+            s0 = starts[g, i * n1 + j]
+            s1 = starts[g, i * n1 + j + 1]
+            a_ = _first_at_depth(coords, g, s0, s1, lo2)
+            b_ = a_
+            while b_ < s1 and cz[b_] <= hi2:
+                b_ += 1
+            for p in range(a_, b_):
+                x0 = cx[p]
+                x1 = cy[p]
+                lx[nl] = x0
+                ly[nl] = x1
+                lz[nl] = cz[p]
+                nl += (x0 >= lo0) & (x0 <= hi0) & (x1 >= lo1) & (x1 <= hi1)
+    return nl
+
+
+@njit(nogil=True, cache=True)
+def _count_within(lx, ly, lz, nl, a0, a1, a2, thr):  # pragma: no cover - compiled
+    """How many of the first ``nl`` listed vertices lie within squared distance ``thr`` of
+    (a0, a1, a2), all in float32 (a vectorised loop)."""
+    k = 0
+    for p in range(nl):
+        d0 = a0 - lx[p]
+        d1 = a1 - ly[p]
+        d2 = a2 - lz[p]
+        k += (d0 * d0 + d1 * d1 + d2 * d2) <= thr
+    return k
+
+
 @njit(nogil=True, cache=True)
 def score_exact(p, r, s, t, ref_of, q, nrm, nbr, axes, origin, dims, cell, starts, items, coords, max_steps):  # pragma: no cover - compiled
     """Exhaustively searched nearest vertices and signed point-to-plane distances of whole meshes.
 
-    p (a, m, 3) float32 points, moved by ``s R p + t`` in float32 (``icp._apply``); searched in
-    mesh order, each starting from the corresponding vertex or the previous answer shifted
-    (``nearest_exact`` with ``chain``). Returns near (a, m) int64 and d (a, m) float32
+    p (a, m, 3) float32 points, moved by ``s R p + t`` in float32 (``icp._apply``); walked in mesh
+    order, each from the corresponding vertex or the previous answer shifted (``nearest_exact``
+    with ``chain``). The exhaustive check runs on blocks of ``_SCORE_BLOCK`` consecutive points:
+    the reference vertices in the box that holds every point's walk ball are gathered once, and
+    each point counts those within its walk distance in float32 with a relative margin of 1e-5
+    (far above float32 rounding, so no vertex within the distance is missed). A count of one
+    (the walk's own end) proves the walk's answer is the unique nearest vertex; any other count
+    runs :func:`_search`, the per-point check. Returns near (a, m) int64 and d (a, m) float32
     ``n_q . (x - q)``.
     """
     a_, m, _ = p.shape
     n = q.shape[1]
     near = np.empty((a_, m), np.int64)
     dist = np.empty((a_, m), np.float32)
+    bsz = _SCORE_BLOCK
+    xb = np.empty((bsz, 3), np.float32)
+    yb = np.empty((bsz, 3))
+    db = np.empty(bsz)
+    cb = np.empty(bsz, np.int64)
+    lx = np.empty(n, np.float32)
+    ly = np.empty(n, np.float32)
+    lz = np.empty(n, np.float32)
     for b in range(a_):
         g = ref_of[b]
         ax = axes[g]
@@ -712,34 +773,67 @@ def score_exact(p, r, s, t, ref_of, q, nrm, nbr, axes, origin, dims, cell, start
                 mm[u, w] = np.float32(s[b] * r[b, u, w])
         tt = t[b].astype(np.float32)
         prev = -1
-        for i in range(m):
-            p0 = p[b, i, 0]
-            p1 = p[b, i, 1]
-            p2 = p[b, i, 2]
-            x0 = mm[0, 0] * p0 + mm[0, 1] * p1 + mm[0, 2] * p2 + tt[0]
-            x1 = mm[1, 0] * p0 + mm[1, 1] * p1 + mm[1, 2] * p2 + tt[1]
-            x2 = mm[2, 0] * p0 + mm[2, 1] * p1 + mm[2, 2] * p2 + tt[2]
-            z = (np.float64(x0), np.float64(x1), np.float64(x2))
-            y0 = z[ax[0]]
-            y1 = z[ax[1]]
-            y2 = z[ax[2]]
-            c = i % n
-            d0 = y0 - q[g, c, ax[0]]
-            d1 = y1 - q[g, c, ax[1]]
-            d2 = y2 - q[g, c, ax[2]]
-            best = d0 * d0 + d1 * d1 + d2 * d2
-            if i > 0:
-                c2 = prev + 1
-                if c2 < n and c2 != c:
-                    e0 = y0 - q[g, c2, ax[0]]
-                    e1 = y1 - q[g, c2, ax[1]]
-                    e2 = y2 - q[g, c2, ax[2]]
-                    dd = e0 * e0 + e1 * e1 + e2 * e2
-                    if dd < best:
-                        best = dd
-                        c = c2
-            c, best = _walk_search(y0, y1, y2, c, best, g, ax, q, nbr, origin, dims, cell, starts, items, coords, max_steps)
-            near[b, i] = c
-            prev = c
-            dist[b, i] = (x0 - q[g, c, 0]) * nrm[g, c, 0] + (x1 - q[g, c, 1]) * nrm[g, c, 1] + (x2 - q[g, c, 2]) * nrm[g, c, 2]
+        for lo in range(0, m, bsz):
+            hi = min(m, lo + bsz)
+            bl0 = np.inf
+            bh0 = -np.inf
+            bl1 = np.inf
+            bh1 = -np.inf
+            bl2 = np.inf
+            bh2 = -np.inf
+            for i in range(lo, hi):
+                p0 = p[b, i, 0]
+                p1 = p[b, i, 1]
+                p2 = p[b, i, 2]
+                x0 = mm[0, 0] * p0 + mm[0, 1] * p1 + mm[0, 2] * p2 + tt[0]
+                x1 = mm[1, 0] * p0 + mm[1, 1] * p1 + mm[1, 2] * p2 + tt[1]
+                x2 = mm[2, 0] * p0 + mm[2, 1] * p1 + mm[2, 2] * p2 + tt[2]
+                z = (np.float64(x0), np.float64(x1), np.float64(x2))
+                y0 = z[ax[0]]
+                y1 = z[ax[1]]
+                y2 = z[ax[2]]
+                c = i % n
+                d0 = y0 - q[g, c, ax[0]]
+                d1 = y1 - q[g, c, ax[1]]
+                d2 = y2 - q[g, c, ax[2]]
+                best = d0 * d0 + d1 * d1 + d2 * d2
+                if i > 0:
+                    c2 = prev + 1
+                    if c2 < n and c2 != c:
+                        e0 = y0 - q[g, c2, ax[0]]
+                        e1 = y1 - q[g, c2, ax[1]]
+                        e2 = y2 - q[g, c2, ax[2]]
+                        dd = e0 * e0 + e1 * e1 + e2 * e2
+                        if dd < best:
+                            best = dd
+                            c = c2
+                c, best = _walk_one(y0, y1, y2, c, best, g, ax, q, nbr, max_steps)
+                prev = c  # the walk's end: a start for the next point (the check may still move it)
+                k = i - lo
+                xb[k, 0] = x0
+                xb[k, 1] = x1
+                xb[k, 2] = x2
+                yb[k, 0] = y0
+                yb[k, 1] = y1
+                yb[k, 2] = y2
+                db[k] = best
+                cb[k] = c
+                w = np.sqrt(best) * (1.0 + 1e-9) + 1e-9
+                bl0 = min(bl0, y0 - w)
+                bh0 = max(bh0, y0 + w)
+                bl1 = min(bl1, y1 - w)
+                bh1 = max(bh1, y1 + w)
+                bl2 = min(bl2, y2 - w)
+                bh2 = max(bh2, y2 + w)
+            nl = _gather_box(bl0, bh0, bl1, bh1, bl2, bh2, g, origin, dims, cell, starts, coords, lx, ly, lz)
+            for i in range(lo, hi):
+                k = i - lo
+                c = cb[k]
+                thr = np.float32(db[k] * (1.0 + 1e-5) + 1e-30)
+                if _count_within(lx, ly, lz, nl, np.float32(yb[k, 0]), np.float32(yb[k, 1]), np.float32(yb[k, 2]), thr) != 1:
+                    c, _ = _search(yb[k, 0], yb[k, 1], yb[k, 2], c, db[k], g, origin, dims, cell, starts, items, coords)
+                near[b, i] = c
+                dist[b, i] = ((xb[k, 0] - q[g, c, 0]) * nrm[g, c, 0] + (xb[k, 1] - q[g, c, 1]) * nrm[g, c, 1]
+                              + (xb[k, 2] - q[g, c, 2]) * nrm[g, c, 2])
+            prev = near[b, hi - 1]
     return near, dist
