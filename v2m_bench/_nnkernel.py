@@ -55,14 +55,20 @@ def _column_sort(key, depth, ncols):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _column_range(lo0, hi0, lo1, hi1, g, origin, dims, cell):  # pragma: no cover - compiled
+    """Index ranges (i0, i1, j0, j1) of the columns of grid ``g`` that meet [lo0, hi0] x [lo1, hi1]."""
+    h = cell[g]
+    i0 = max(int(np.floor((lo0 - origin[g, 0]) / h)), 0)
+    i1 = min(int(np.floor((hi0 - origin[g, 0]) / h)), dims[g, 0] - 1)
+    j0 = max(int(np.floor((lo1 - origin[g, 1]) / h)), 0)
+    j1 = min(int(np.floor((hi1 - origin[g, 1]) / h)), dims[g, 1] - 1)
+    return i0, i1, j0, j1
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _column_box(x0, x1, r, g, origin, dims, cell):  # pragma: no cover - compiled
     """Index ranges (lo0, hi0, lo1, hi1) of the columns of grid ``g`` that meet [x - r, x + r]."""
-    h = cell[g]
-    lo0 = max(int(np.floor((x0 - r - origin[g, 0]) / h)), 0)
-    hi0 = min(int(np.floor((x0 + r - origin[g, 0]) / h)), dims[g, 0] - 1)
-    lo1 = max(int(np.floor((x1 - r - origin[g, 1]) / h)), 0)
-    hi1 = min(int(np.floor((x1 + r - origin[g, 1]) / h)), dims[g, 1] - 1)
-    return lo0, hi0, lo1, hi1
+    return _column_range(x0 - r, x0 + r, x1 - r, x1 + r, g, origin, dims, cell)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -697,11 +703,7 @@ _SCORE_BLOCK = 6  # consecutive points whose checks share one gathered candidate
 def _gather_box(lo0, hi0, lo1, hi1, lo2, hi2, g, origin, dims, cell, starts, coords, lx, ly, lz):  # pragma: no cover - compiled
     """Copy the vertices of reference ``g`` inside the box [lo, hi] (column frame) to the float32
     lists lx, ly, lz; returns their number. Branch-free inner loop (the box test adds 0 or 1)."""
-    h = cell[g]
-    i0 = max(int(np.floor((lo0 - origin[g, 0]) / h)), 0)
-    i1 = min(int(np.floor((hi0 - origin[g, 0]) / h)), dims[g, 0] - 1)
-    j0 = max(int(np.floor((lo1 - origin[g, 1]) / h)), 0)
-    j1 = min(int(np.floor((hi1 - origin[g, 1]) / h)), dims[g, 1] - 1)
+    i0, i1, j0, j1 = _column_range(lo0, hi0, lo1, hi1, g, origin, dims, cell)
     n1 = dims[g, 1]
     cx = coords[g, 0]
     cy = coords[g, 1]
