@@ -566,11 +566,12 @@ def test_compiled_kernels_compile_once_whatever_the_batch(small_model):
         assert len(getattr(nnk, name).signatures) == 1, (name, getattr(nnk, name).signatures)
 
 
-def test_column_grid_orders_vertices_by_column_then_depth_then_id():
+@pytest.mark.parametrize("ncols", [300, 30])  # ~17 vertices per column (insertion sort), ~170 (merge sort)
+def test_column_grid_orders_vertices_by_column_then_depth_then_id(ncols):
     nnk = pytest.importorskip("v2m_bench._nnkernel")
     rng = np.random.default_rng(0)
-    key = rng.integers(0, 300, 5000)
+    key = rng.integers(0, ncols, 5000)
     depth = rng.integers(0, 20, 5000).astype(np.float32)  # many equal depths: ids break the ties
-    starts, items = nnk._column_sort(key, depth, 300)
+    starts, items = nnk._column_sort(key, depth, ncols)
     np.testing.assert_array_equal(items, np.lexsort((np.arange(5000), depth, key)))
-    np.testing.assert_array_equal(np.diff(starts), np.bincount(key, minlength=300))
+    np.testing.assert_array_equal(np.diff(starts), np.bincount(key, minlength=ncols))

@@ -29,8 +29,9 @@ __all__ = ["build_grids", "nearest_exact", "normals32", "cross_covariance", "icp
 
 @njit(nogil=True, cache=True)
 def _column_sort(key, depth, ncols):  # pragma: no cover - compiled
-    """Counting sort of vertex ids by column, then insertion sort by (depth, id) within each
-    column (columns hold a few vertices). Same order as ``np.lexsort((ids, depth, key))``."""
+    """Counting sort of vertex ids by column, then a stable sort by depth within each column
+    (insertion sort, or merge sort for columns of more than 32 vertices), so ties keep id order.
+    Same order as ``np.lexsort((ids, depth, key))``."""
     n = key.shape[0]
     starts = np.zeros(ncols + 1, np.int32)
     for v in range(n):
@@ -43,11 +44,17 @@ def _column_sort(key, depth, ncols):  # pragma: no cover - compiled
         items[fill[key[v]]] = v
         fill[key[v]] += 1
     for c in range(ncols):
-        for a in range(starts[c] + 1, starts[c + 1]):
+        s0 = starts[c]
+        s1 = starts[c + 1]
+        if s1 - s0 > 32:  # a long column (a steep part of the surface): a stable merge sort
+            run = items[s0:s1].copy()
+            items[s0:s1] = run[np.argsort(depth[run], kind="mergesort")]
+            continue
+        for a in range(s0 + 1, s1):
             v = items[a]
             z = depth[v]
             b = a - 1
-            while b >= starts[c] and depth[items[b]] > z:  # strict: equal depths keep id order
+            while b >= s0 and depth[items[b]] > z:  # strict: equal depths keep id order
                 items[b + 1] = items[b]
                 b -= 1
             items[b + 1] = v
@@ -418,35 +425,72 @@ def cross_covariance(p, q, ref_of):  # pragma: no cover - compiled
     mq = np.zeros((b_, 3))
     h = np.zeros((b_, 3, 3))
     pp = np.zeros(b_)
-    pc = np.empty(3, np.float32)
-    qc = np.empty(3, np.float32)
-    for b in range(b_):
+    for b in range(b_):  # scalar accumulators (kept in registers), summed front to back
         g = ref_of[b]
-        m0 = np.zeros(3)
-        m1 = np.zeros(3)
+        s0 = s1 = s2 = t0 = t1 = t2 = 0.0
         for v in range(n):
-            for k in range(3):
-                m0[k] += p[b, v, k]
-                m1[k] += q[g, v, k]
-        m0 /= n
-        m1 /= n
-        f0 = m0.astype(np.float32)
-        f1 = m1.astype(np.float32)
-        c0 = np.zeros(3)
-        c1 = np.zeros(3)
+            s0 += p[b, v, 0]
+            s1 += p[b, v, 1]
+            s2 += p[b, v, 2]
+            t0 += q[g, v, 0]
+            t1 += q[g, v, 1]
+            t2 += q[g, v, 2]
+        m00 = s0 / n
+        m01 = s1 / n
+        m02 = s2 / n
+        m10 = t0 / n
+        m11 = t1 / n
+        m12 = t2 / n
+        f00 = np.float32(m00)
+        f01 = np.float32(m01)
+        f02 = np.float32(m02)
+        f10 = np.float32(m10)
+        f11 = np.float32(m11)
+        f12 = np.float32(m12)
+        c00 = c01 = c02 = c10 = c11 = c12 = 0.0
+        h00 = h01 = h02 = h10 = h11 = h12 = h20 = h21 = h22 = 0.0
+        sq = 0.0
         for v in range(n):
-            for k in range(3):
-                pc[k] = p[b, v, k] - f0[k]
-                qc[k] = q[g, v, k] - f1[k]
-                c0[k] += pc[k]
-                c1[k] += qc[k]
-            for j in range(3):
-                for k in range(3):
-                    h[b, j, k] += pc[j] * qc[k]
-                pp[b] += pc[j] * pc[j]
-        for k in range(3):
-            mp[b, k] = m0[k] + c0[k] / n
-            mq[b, k] = m1[k] + c1[k] / n
+            p0 = p[b, v, 0] - f00  # float32
+            p1 = p[b, v, 1] - f01
+            p2 = p[b, v, 2] - f02
+            q0 = q[g, v, 0] - f10
+            q1 = q[g, v, 1] - f11
+            q2 = q[g, v, 2] - f12
+            c00 += p0
+            c01 += p1
+            c02 += p2
+            c10 += q0
+            c11 += q1
+            c12 += q2
+            h00 += p0 * q0  # float32 products, float64 sums
+            h01 += p0 * q1
+            h02 += p0 * q2
+            sq += p0 * p0
+            h10 += p1 * q0
+            h11 += p1 * q1
+            h12 += p1 * q2
+            sq += p1 * p1
+            h20 += p2 * q0
+            h21 += p2 * q1
+            h22 += p2 * q2
+            sq += p2 * p2
+        h[b, 0, 0] = h00
+        h[b, 0, 1] = h01
+        h[b, 0, 2] = h02
+        h[b, 1, 0] = h10
+        h[b, 1, 1] = h11
+        h[b, 1, 2] = h12
+        h[b, 2, 0] = h20
+        h[b, 2, 1] = h21
+        h[b, 2, 2] = h22
+        pp[b] = sq
+        mp[b, 0] = m00 + c00 / n
+        mp[b, 1] = m01 + c01 / n
+        mp[b, 2] = m02 + c02 / n
+        mq[b, 0] = m10 + c10 / n
+        mq[b, 1] = m11 + c11 / n
+        mq[b, 2] = m12 + c12 / n
     return mp, mq, h, pp
 
 
