@@ -402,9 +402,10 @@ def test_exhaustive_engines_find_the_exact_nearest_vertex(engine):
 
 
 def test_score_kernel_finds_the_exact_nearest_vertex():
-    """``score_exact`` checks the walk's answers in blocks of points sharing one gathered
-    candidate list (float32 counts): the same answers as brute force, ties to the lowest id
-    included, where the walk ends on the wrong sheet of a fold or on a duplicated vertex."""
+    """``score_exact`` checks the walk's answers in groups of points (by grid column) sharing one
+    gathered candidate list (float32 counts): the same answers as brute force, ties to the lowest
+    id included, where the walk ends on the wrong sheet of a fold or on a duplicated vertex, and
+    for points far outside the grid (grouped with its edge columns)."""
     nnk = pytest.importorskip("v2m_bench._nnkernel")
     from v2m_bench import icp as icp_mod
 

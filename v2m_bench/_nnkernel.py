@@ -220,6 +220,31 @@ def _walk_one(y0, y1, y2, c, best, g, ax, q, nbr, max_steps):  # pragma: no cove
     return c, best
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _walk_bound(u0, u1, u2, c, best, g, q, nbr, max_steps):  # pragma: no cover - compiled
+    """The greedy walk of :func:`_walk_one` in the references' own frame (no axis permutation)
+    with branch-free steps: used only where the walk's end is an upper bound that an exhaustive
+    check confirms or corrects, so its path never changes a result."""
+    k = nbr.shape[1]
+    for _ in range(max_steps):
+        nb = c
+        nbd = best
+        for j in range(k):
+            v = nbr[c, j]
+            e0 = u0 - q[g, v, 0]
+            e1 = u1 - q[g, v, 1]
+            e2 = u2 - q[g, v, 2]
+            dv = e0 * e0 + e1 * e1 + e2 * e2
+            lt = dv < nbd
+            nbd = dv if lt else nbd
+            nb = v if lt else nb
+        if nb == c:
+            break
+        c = nb
+        best = nbd
+    return c, best
+
+
 @njit(nogil=True, cache=True)
 def nearest_exact(x, ref_of, start, q, nbr, axes, origin, dims, cell, starts, items, coords, chain, max_steps):  # pragma: no cover - compiled
     """Exact nearest reference vertex of each point (see the module docstring).
@@ -546,10 +571,7 @@ def icp_iterate(p_it, q_it, ref_of, r, s, t, start, pivot, max_iter, damping, rm
     out_c = start.copy()
     iters = np.zeros(a_, np.int64)
     conv = np.zeros(a_, np.bool_)
-    x = np.empty((S, 3))
     cc = np.empty(S, np.int64)
-    res = np.empty(S)
-    jac = np.empty((S, 6))
     amat = np.empty((dim, dim))
     bvec = np.empty(dim)
     best_a = np.empty((dim, dim))
@@ -601,6 +623,34 @@ def icp_iterate(p_it, q_it, ref_of, r, s, t, start, pivot, max_iter, damping, rm
             m21 = cs * cr[2, 1]
             m22 = cs * cr[2, 2]
             f = 0.0
+            # the normal equations' sums, accumulated in point order in registers
+            a00 = 0.0
+            a01 = 0.0
+            a02 = 0.0
+            a03 = 0.0
+            a04 = 0.0
+            a05 = 0.0
+            a11 = 0.0
+            a12 = 0.0
+            a13 = 0.0
+            a14 = 0.0
+            a15 = 0.0
+            a22 = 0.0
+            a23 = 0.0
+            a24 = 0.0
+            a25 = 0.0
+            a33 = 0.0
+            a34 = 0.0
+            a35 = 0.0
+            a44 = 0.0
+            a45 = 0.0
+            a55 = 0.0
+            b0 = 0.0
+            b1 = 0.0
+            b2 = 0.0
+            b3 = 0.0
+            b4 = 0.0
+            b5 = 0.0
             for i in range(S):
                 p0 = p_it[b, i, 0]
                 p1 = p_it[b, i, 1]
@@ -608,9 +658,6 @@ def icp_iterate(p_it, q_it, ref_of, r, s, t, start, pivot, max_iter, damping, rm
                 x0 = m00 * p0 + m01 * p1 + m02 * p2 + ct[0]
                 x1 = m10 * p0 + m11 * p1 + m12 * p2 + ct[1]
                 x2 = m20 * p0 + m21 * p1 + m22 * p2 + ct[2]
-                x[i, 0] = x0
-                x[i, 1] = x1
-                x[i, 2] = x2
                 # the search sees the point in float32, as the numpy path's tables do
                 z = (np.float64(np.float32(x0)), np.float64(np.float32(x1)), np.float64(np.float32(x2)))
                 y0 = z[ax[0]]
@@ -627,55 +674,115 @@ def icp_iterate(p_it, q_it, ref_of, r, s, t, start, pivot, max_iter, damping, rm
                     # still the exhaustive answer: within (second - first) / 2 of where it was
                     # searched, no other vertex can have come closer
                     c = ccert[i]
-                else:
+                elif exact:
+                    # the walk only bounds the exhaustive search (its path never changes a result)
+                    d0 = z[0] - q[g, c, 0]
+                    d1 = z[1] - q[g, c, 1]
+                    d2 = z[2] - q[g, c, 2]
+                    c, dd = _walk_bound(z[0], z[1], z[2], c, d0 * d0 + d1 * d1 + d2 * d2, g, q, nbr, max_steps)
                     d0 = y0 - q[g, c, ax[0]]
                     d1 = y1 - q[g, c, ax[1]]
                     d2 = y2 - q[g, c, ax[2]]
                     dd = d0 * d0 + d1 * d1 + d2 * d2
-                    if exact:
-                        c, dd = _walk_one(y0, y1, y2, c, dd, g, ax, q, nbr, max_steps)
-                        if margin > 0.0:
-                            c, dd, lb2 = _search_ball(y0, y1, y2, np.sqrt(dd) * (1.0 + 1e-9) + 1e-9 + margin, g, origin,
-                                                      dims, cell, starts, items, coords)
-                            sl = 0.5 * (np.sqrt(lb2) - np.sqrt(dd)) * (1.0 - 1e-9) - 1e-6
-                            slack[i] = sl
-                            ccert[i] = c
-                            xcert[i, 0] = y0
-                            xcert[i, 1] = y1
-                            xcert[i, 2] = y2
-                        else:
-                            c, dd = _search(y0, y1, y2, c, dd, g, origin, dims, cell, starts, items, coords)
+                    if margin > 0.0:
+                        c, dd, lb2 = _search_ball(y0, y1, y2, np.sqrt(dd) * (1.0 + 1e-9) + 1e-9 + margin, g, origin,
+                                                  dims, cell, starts, items, coords)
+                        sl = 0.5 * (np.sqrt(lb2) - np.sqrt(dd)) * (1.0 - 1e-9) - 1e-6
+                        slack[i] = sl
+                        ccert[i] = c
+                        xcert[i, 0] = y0
+                        xcert[i, 1] = y1
+                        xcert[i, 2] = y2
                     else:
-                        c, dd = _walk_one(y0, y1, y2, c, dd, g, ax, q, nbr, max_steps)
+                        c, dd = _search(y0, y1, y2, c, dd, g, origin, dims, cell, starts, items, coords)
+                else:
+                    d0 = y0 - q[g, c, ax[0]]
+                    d1 = y1 - q[g, c, ax[1]]
+                    d2 = y2 - q[g, c, ax[2]]
+                    c, dd = _walk_one(y0, y1, y2, c, d0 * d0 + d1 * d1 + d2 * d2, g, ax, q, nbr, max_steps)
                 cc[i] = c
                 n0 = np.float64(nrm[g, c, 0])
                 n1 = np.float64(nrm[g, c, 1])
                 n2 = np.float64(nrm[g, c, 2])
                 rv = (x0 - q[g, c, 0]) * n0 + (x1 - q[g, c, 1]) * n1 + (x2 - q[g, c, 2]) * n2
-                res[i] = rv
                 f += rv * rv
                 y0 = x0 - o0
                 y1 = x1 - o1
                 y2 = x2 - o2
-                jac[i, 0] = (y1 * n2 - y2 * n1) / rho
-                jac[i, 1] = (y2 * n0 - y0 * n2) / rho
-                jac[i, 2] = (y0 * n1 - y1 * n0) / rho
-                jac[i, 3] = n0
-                jac[i, 4] = n1
-                jac[i, 5] = n2
+                j0 = (y1 * n2 - y2 * n1) / rho
+                j1 = (y2 * n0 - y0 * n2) / rho
+                j2 = (y0 * n1 - y1 * n0) / rho
+                b0 += j0 * rv
+                a00 += j0 * j0
+                a01 += j0 * j1
+                a02 += j0 * j2
+                a03 += j0 * n0
+                a04 += j0 * n1
+                a05 += j0 * n2
+                b1 += j1 * rv
+                a11 += j1 * j1
+                a12 += j1 * j2
+                a13 += j1 * n0
+                a14 += j1 * n1
+                a15 += j1 * n2
+                b2 += j2 * rv
+                a22 += j2 * j2
+                a23 += j2 * n0
+                a24 += j2 * n1
+                a25 += j2 * n2
+                b3 += n0 * rv
+                a33 += n0 * n0
+                a34 += n0 * n1
+                a35 += n0 * n2
+                b4 += n1 * rv
+                a44 += n1 * n1
+                a45 += n1 * n2
+                b5 += n2 * rv
+                a55 += n2 * n2
             cur = np.sqrt(f / S)
             iters[b] += 1
-            for u in range(dim):
-                acc = 0.0
-                for i in range(S):
-                    acc += jac[i, u] * res[i]
-                bvec[u] = acc
-                for w in range(u, dim):
-                    acc = 0.0
-                    for i in range(S):
-                        acc += jac[i, u] * jac[i, w]
-                    amat[u, w] = acc
-                    amat[w, u] = acc
+            bvec[0] = b0
+            amat[0, 0] = a00
+            amat[0, 1] = a01
+            amat[1, 0] = a01
+            amat[0, 2] = a02
+            amat[2, 0] = a02
+            amat[0, 3] = a03
+            amat[3, 0] = a03
+            amat[0, 4] = a04
+            amat[4, 0] = a04
+            amat[0, 5] = a05
+            amat[5, 0] = a05
+            bvec[1] = b1
+            amat[1, 1] = a11
+            amat[1, 2] = a12
+            amat[2, 1] = a12
+            amat[1, 3] = a13
+            amat[3, 1] = a13
+            amat[1, 4] = a14
+            amat[4, 1] = a14
+            amat[1, 5] = a15
+            amat[5, 1] = a15
+            bvec[2] = b2
+            amat[2, 2] = a22
+            amat[2, 3] = a23
+            amat[3, 2] = a23
+            amat[2, 4] = a24
+            amat[4, 2] = a24
+            amat[2, 5] = a25
+            amat[5, 2] = a25
+            bvec[3] = b3
+            amat[3, 3] = a33
+            amat[3, 4] = a34
+            amat[4, 3] = a34
+            amat[3, 5] = a35
+            amat[5, 3] = a35
+            bvec[4] = b4
+            amat[4, 4] = a44
+            amat[4, 5] = a45
+            amat[5, 4] = a45
+            bvec[5] = b5
+            amat[5, 5] = a55
             prev = best
             first = not np.isfinite(prev)
             better = cur < prev
@@ -740,7 +847,7 @@ def icp_iterate(p_it, q_it, ref_of, r, s, t, start, pivot, max_iter, damping, rm
     return out_r, out_s, out_t, iters, conv, out_c
 
 
-_SCORE_BLOCK = 6  # consecutive points whose checks share one gathered candidate list (no effect on results)
+_SCORE_GROUP = 32  # most points whose checks share one gathered candidate list (no effect on results)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -771,16 +878,18 @@ def _gather_box(lo0, hi0, lo1, hi1, lo2, hi2, g, origin, dims, cell, starts, coo
     return nl
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, fastmath={"reassoc", "nsz", "contract"})
 def _count_within(lx, ly, lz, nl, a0, a1, a2, thr):  # pragma: no cover - compiled
     """How many of the first ``nl`` listed vertices lie within squared distance ``thr`` of
-    (a0, a1, a2), all in float32 (a vectorised loop)."""
-    k = 0
+    (a0, a1, a2), all in float32 (a vectorised loop; the count is a float32 sum of ones, exact up
+    to 2**24). The fast-math flags let the compiler reorder the sum and fuse the products: the
+    distances may move by a few float32 roundings, far inside the caller's 1e-5 margin."""
+    k = np.float32(0.0)
     for p in range(nl):
         d0 = a0 - lx[p]
         d1 = a1 - ly[p]
         d2 = a2 - lz[p]
-        k += (d0 * d0 + d1 * d1 + d2 * d2) <= thr
+        k += np.float32(1.0) if (d0 * d0 + d1 * d1 + d2 * d2) <= thr else np.float32(0.0)
     return k
 
 
@@ -788,98 +897,131 @@ def _count_within(lx, ly, lz, nl, a0, a1, a2, thr):  # pragma: no cover - compil
 def score_exact(p, r, s, t, ref_of, q, nrm, nbr, axes, origin, dims, cell, starts, items, coords, max_steps):  # pragma: no cover - compiled
     """Exhaustively searched nearest vertices and signed point-to-plane distances of whole meshes.
 
-    p (a, m, 3) float32 points, moved by ``s R p + t`` in float32 (``icp._apply``); walked in mesh
-    order, each from the corresponding vertex or the previous answer shifted (``nearest_exact``
-    with ``chain``). The exhaustive check runs on blocks of ``_SCORE_BLOCK`` consecutive points:
-    the reference vertices in the box that holds every point's walk ball are gathered once, and
-    each point counts those within its walk distance in float32 with a relative margin of 1e-5
-    (far above float32 rounding, so no vertex within the distance is missed). A count of one
-    (the walk's own end) proves the walk's answer is the unique nearest vertex; any other count
-    runs :func:`_search`, the per-point check. Returns near (a, m) int64 and d (a, m) float32
-    ``n_q . (x - q)``.
+    p (a, m, 3) float32 points, moved by ``s R p + t`` in float32 (``icp._apply``). Per mesh:
+
+    1. **Walk**, in mesh order, each point from the corresponding vertex or the previous point's
+       answer shifted by one (``nearest_exact`` with ``chain``): an upper bound ``d`` of each
+       point's nearest distance.
+    2. **Group** the points by the grid column they fall in (a counting sort; points outside the
+       grid join the edge columns), in runs of at most ``_SCORE_GROUP``.
+    3. **Check** each run: the reference vertices in one box that holds every point's walk ball
+       are gathered once, and each point counts those within ``d`` in float32 with a relative
+       margin of 1e-5 (far above float32 rounding, so no vertex within ``d`` is missed). A count
+       of one (the walk's own end) proves the walk's answer is the unique nearest vertex; any
+       other count runs :func:`_search`, the per-point check.
+
+    The grouping only decides which points share a gathered list, never an answer. Returns
+    near (a, m) int64 and d (a, m) float32 ``n_q . (x - q)``.
     """
     a_, m, _ = p.shape
     n = q.shape[1]
     near = np.empty((a_, m), np.int64)
     dist = np.empty((a_, m), np.float32)
-    bsz = _SCORE_BLOCK
-    xb = np.empty((bsz, 3), np.float32)
-    yb = np.empty((bsz, 3))
-    db = np.empty(bsz)
-    cb = np.empty(bsz, np.int64)
+    xs = np.empty((m, 3), np.float32)  # the moved points
+    ds = np.empty(m)  # squared walk distances (column frame, float64)
+    cs = np.empty(m, np.int64)  # walk ends, then answers
+    key = np.empty(m, np.int64)  # grid column of each point
+    order = np.empty(m, np.int64)  # points grouped by column
+    ncol = 0
+    for g in range(dims.shape[0]):
+        ncol = max(ncol, dims[g, 0] * dims[g, 1])
+    cend = np.empty(ncol + 1, np.int64)
     lx = np.empty(n, np.float32)
     ly = np.empty(n, np.float32)
     lz = np.empty(n, np.float32)
     for b in range(a_):
         g = ref_of[b]
         ax = axes[g]
+        n0 = dims[g, 0]
+        n1 = dims[g, 1]
+        inv = 1.0 / cell[g]
         mm = np.empty((3, 3), np.float32)
         for u in range(3):
             for w in range(3):
                 mm[u, w] = np.float32(s[b] * r[b, u, w])
         tt = t[b].astype(np.float32)
+        cend[: n0 * n1 + 1] = 0
         prev = -1
-        for lo in range(0, m, bsz):
-            hi = min(m, lo + bsz)
-            bl0 = np.inf
-            bh0 = -np.inf
-            bl1 = np.inf
-            bh1 = -np.inf
-            bl2 = np.inf
-            bh2 = -np.inf
-            for i in range(lo, hi):
-                p0 = p[b, i, 0]
-                p1 = p[b, i, 1]
-                p2 = p[b, i, 2]
-                x0 = mm[0, 0] * p0 + mm[0, 1] * p1 + mm[0, 2] * p2 + tt[0]
-                x1 = mm[1, 0] * p0 + mm[1, 1] * p1 + mm[1, 2] * p2 + tt[1]
-                x2 = mm[2, 0] * p0 + mm[2, 1] * p1 + mm[2, 2] * p2 + tt[2]
-                z = (np.float64(x0), np.float64(x1), np.float64(x2))
-                y0 = z[ax[0]]
-                y1 = z[ax[1]]
-                y2 = z[ax[2]]
-                c = i % n
-                d0 = y0 - q[g, c, ax[0]]
-                d1 = y1 - q[g, c, ax[1]]
-                d2 = y2 - q[g, c, ax[2]]
-                best = d0 * d0 + d1 * d1 + d2 * d2
-                if i > 0:
-                    c2 = prev + 1
-                    if c2 < n and c2 != c:
-                        e0 = y0 - q[g, c2, ax[0]]
-                        e1 = y1 - q[g, c2, ax[1]]
-                        e2 = y2 - q[g, c2, ax[2]]
-                        dd = e0 * e0 + e1 * e1 + e2 * e2
-                        if dd < best:
-                            best = dd
-                            c = c2
-                c, best = _walk_one(y0, y1, y2, c, best, g, ax, q, nbr, max_steps)
-                prev = c  # the walk's end: a start for the next point (the check may still move it)
-                k = i - lo
-                xb[k, 0] = x0
-                xb[k, 1] = x1
-                xb[k, 2] = x2
-                yb[k, 0] = y0
-                yb[k, 1] = y1
-                yb[k, 2] = y2
-                db[k] = best
-                cb[k] = c
-                w = np.sqrt(best) * (1.0 + 1e-9) + 1e-9
-                bl0 = min(bl0, y0 - w)
-                bh0 = max(bh0, y0 + w)
-                bl1 = min(bl1, y1 - w)
-                bh1 = max(bh1, y1 + w)
-                bl2 = min(bl2, y2 - w)
-                bh2 = max(bh2, y2 + w)
-            nl = _gather_box(bl0, bh0, bl1, bh1, bl2, bh2, g, origin, dims, cell, starts, coords, lx, ly, lz)
-            for i in range(lo, hi):
-                k = i - lo
-                c = cb[k]
-                thr = np.float32(db[k] * (1.0 + 1e-5) + 1e-30)
-                if _count_within(lx, ly, lz, nl, np.float32(yb[k, 0]), np.float32(yb[k, 1]), np.float32(yb[k, 2]), thr) != 1:
-                    c, _ = _search(yb[k, 0], yb[k, 1], yb[k, 2], c, db[k], g, origin, dims, cell, starts, items, coords)
-                near[b, i] = c
-                dist[b, i] = ((xb[k, 0] - q[g, c, 0]) * nrm[g, c, 0] + (xb[k, 1] - q[g, c, 1]) * nrm[g, c, 1]
-                              + (xb[k, 2] - q[g, c, 2]) * nrm[g, c, 2])
-            prev = near[b, hi - 1]
+        for i in range(m):  # 1. walk
+            p0 = p[b, i, 0]
+            p1 = p[b, i, 1]
+            p2 = p[b, i, 2]
+            x0 = mm[0, 0] * p0 + mm[0, 1] * p1 + mm[0, 2] * p2 + tt[0]
+            x1 = mm[1, 0] * p0 + mm[1, 1] * p1 + mm[1, 2] * p2 + tt[1]
+            x2 = mm[2, 0] * p0 + mm[2, 1] * p1 + mm[2, 2] * p2 + tt[2]
+            xs[i, 0] = x0
+            xs[i, 1] = x1
+            xs[i, 2] = x2
+            u = (np.float64(x0), np.float64(x1), np.float64(x2))
+            c = i % n
+            d0 = u[0] - q[g, c, 0]
+            d1 = u[1] - q[g, c, 1]
+            d2 = u[2] - q[g, c, 2]
+            best = d0 * d0 + d1 * d1 + d2 * d2
+            if i > 0:
+                c2 = prev + 1
+                if c2 < n and c2 != c:
+                    e0 = u[0] - q[g, c2, 0]
+                    e1 = u[1] - q[g, c2, 1]
+                    e2 = u[2] - q[g, c2, 2]
+                    dd = e0 * e0 + e1 * e1 + e2 * e2
+                    if dd < best:
+                        best = dd
+                        c = c2
+            c, best = _walk_bound(u[0], u[1], u[2], c, best, g, q, nbr, max_steps)
+            prev = c
+            y0 = u[ax[0]]
+            y1 = u[ax[1]]
+            d0 = y0 - q[g, c, ax[0]]
+            d1 = y1 - q[g, c, ax[1]]
+            d2 = u[ax[2]] - q[g, c, ax[2]]
+            ds[i] = d0 * d0 + d1 * d1 + d2 * d2  # the bound in the check's own arithmetic
+            cs[i] = c
+            ki = min(max(int(np.floor((y0 - origin[g, 0]) * inv)), 0), n0 - 1)
+            kj = min(max(int(np.floor((y1 - origin[g, 1]) * inv)), 0), n1 - 1)
+            kk = ki * n1 + kj
+            key[i] = kk
+            cend[kk + 1] += 1
+        for col in range(n0 * n1):  # 2. group (counting sort by column)
+            cend[col + 1] += cend[col]
+        for i in range(m):
+            kk = key[i]
+            order[cend[kk]] = i
+            cend[kk] += 1  # ends as the end of the column's run
+        lo = 0
+        while lo < m:  # 3. check, a run of one column's points at a time
+            end = cend[key[order[lo]]]
+            while lo < end:
+                hi = min(end, lo + _SCORE_GROUP)
+                bl0 = np.inf
+                bh0 = -np.inf
+                bl1 = np.inf
+                bh1 = -np.inf
+                bl2 = np.inf
+                bh2 = -np.inf
+                for k in range(lo, hi):
+                    i = order[k]
+                    w = np.sqrt(ds[i]) * (1.0 + 1e-9) + 1e-9
+                    y0 = np.float64(xs[i, ax[0]])
+                    y1 = np.float64(xs[i, ax[1]])
+                    y2 = np.float64(xs[i, ax[2]])
+                    bl0 = min(bl0, y0 - w)
+                    bh0 = max(bh0, y0 + w)
+                    bl1 = min(bl1, y1 - w)
+                    bh1 = max(bh1, y1 + w)
+                    bl2 = min(bl2, y2 - w)
+                    bh2 = max(bh2, y2 + w)
+                nl = _gather_box(bl0, bh0, bl1, bh1, bl2, bh2, g, origin, dims, cell, starts, coords, lx, ly, lz)
+                for k in range(lo, hi):
+                    i = order[k]
+                    thr = np.float32(ds[i] * (1.0 + 1e-5) + 1e-30)
+                    if _count_within(lx, ly, lz, nl, xs[i, ax[0]], xs[i, ax[1]], xs[i, ax[2]], thr) != 1:
+                        cs[i], _ = _search(np.float64(xs[i, ax[0]]), np.float64(xs[i, ax[1]]), np.float64(xs[i, ax[2]]),
+                                           cs[i], ds[i], g, origin, dims, cell, starts, items, coords)
+                lo = hi
+        for i in range(m):
+            c = cs[i]
+            near[b, i] = c
+            dist[b, i] = ((xs[i, 0] - q[g, c, 0]) * nrm[g, c, 0] + (xs[i, 1] - q[g, c, 1]) * nrm[g, c, 1]
+                          + (xs[i, 2] - q[g, c, 2]) * nrm[g, c, 2])
     return near, dist
