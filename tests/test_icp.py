@@ -317,6 +317,12 @@ def test_bad_inputs_raise_validation_errors_naming_the_argument(small_model):
     bad[3, 1] = np.nan
     with pytest.raises(ValidationError, match="pred"):
         icp_rmse(bad, v, tri)
+    bad[3, 1] = np.inf
+    for engine in ("numba", "kdtree"):  # the compiled centring checks the references as it reads them
+        with pytest.raises(ValidationError, match="ref: contains NaN or infinite"):
+            icp_rmse(v, bad, tri, engine=engine)
+        with pytest.raises(ValidationError, match="ref: contains NaN or infinite"):
+            icp_rmse(v, bad.astype(np.float64)[::1], tri, engine=engine)
     with pytest.raises(ValidationError, match="max_iterations"):
         IcpConfig(max_iterations=0)
     with pytest.raises(ValidationError, match="nearest"):
@@ -421,11 +427,12 @@ def test_score_kernel_finds_the_exact_nearest_vertex():
     nbr = plan.glob.graph.nbr
     nrm = nnk.normals32(q32, tri.astype(np.int64))
     grid = nnk.build_grids(q32, icp_mod._GRID_CELL)
-    near, d = nnk.score_exact(np.ascontiguousarray(pts[None]), np.ascontiguousarray(np.eye(3)[None]), np.ones(1),
-                              np.zeros((1, 3)), np.zeros(1, np.int64), q32, nrm, nbr, *grid, DEFAULT_ICP_CONFIG.max_walk_steps)
+    near, d, ss = nnk.score_exact(np.ascontiguousarray(pts[None]), np.ascontiguousarray(np.eye(3)[None]), np.ones(1),
+                                  np.zeros((1, 3)), np.zeros(1, np.int64), q32, nrm, nbr, *grid, DEFAULT_ICP_CONFIG.max_walk_steps)
     want = _brute_nearest(pts, q32[0])
     np.testing.assert_array_equal(near[0], want)
     np.testing.assert_array_equal(d[0], ((pts - q32[0][want]) * nrm[0][want]).sum(1, dtype=np.float32))
+    np.testing.assert_array_equal(ss, icp_mod._rowsum(d.astype(np.float64) ** 2))  # the RMSE's sum, same order
     # not trivially satisfied: the walk alone misses on the fold, and copies tie exactly
     walk = nearest_vertices(pts, q32[0], tri, start=np.arange(pts.shape[0]) % n)[0]
     assert (walk != want).sum() > 20
@@ -565,6 +572,9 @@ def test_compiled_kernels_compile_once_whatever_the_batch(small_model):
     icp_scores(pred[:2], ref[:2], small_model.triangles, None, engine="numba", nearest="exact", return_distances=True)
     for name in ("normals32", "build_grids", "cross_covariance", "icp_iterate", "score_exact"):
         assert len(getattr(nnk, name).signatures) == 1, (name, getattr(nnk, name).signatures)
+    # the references' centring reads float32 arrays in place and any other input as float64 rows
+    kinds = {(str(sig[0].dtype), sig[0].layout) for sig in nnk.center_references.signatures}
+    assert kinds <= {("float32", "C"), ("float64", "C")}, kinds
 
 
 @pytest.mark.parametrize("ncols", [300, 30])  # ~17 vertices per column (insertion sort), ~170 (merge sort)

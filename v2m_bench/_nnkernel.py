@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["build_grids", "nearest_exact", "normals32", "cross_covariance", "icp_iterate", "score_exact"]
+__all__ = ["build_grids", "center_references", "nearest_exact", "normals32", "cross_covariance", "icp_iterate", "score_exact"]
 
 
 @njit(nogil=True, cache=True)
@@ -349,6 +349,45 @@ def normals32(q, tri):  # pragma: no cover - compiled
             for k in range(3):
                 out[g, v, k] = np.float32(acc[v, k] / nn)
     return out
+
+
+@njit(nogil=True, cache=True)
+def center_references(ref, rows):  # pragma: no cover - compiled
+    """Centroids and centred float32 vertices of the references ``ref[rows]`` (``icp._chunk_references``).
+
+    ref (B, n, 3) float; rows (G,) int64. The centroid is the float64 mean summed front to back
+    (as numpy's ``mean(axis=1, dtype=float64)`` sums), the centred vertices
+    ``float32(float64(v) - centroid)``: the same numbers as the numpy code, in one pass less.
+    Returns centroid (G, 3) float64, q (G, n, 3) float32 and whether every value was finite (a
+    float64 sum of float32 or finite float64 coordinates is finite exactly when they all are).
+    """
+    g_ = rows.shape[0]
+    n = ref.shape[1]
+    centroid = np.empty((g_, 3))
+    out = np.empty((g_, n, 3), np.float32)
+    finite = True
+    for gi in range(g_):
+        g = rows[gi]
+        s0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        for v in range(n):
+            s0 += np.float64(ref[g, v, 0])
+            s1 += np.float64(ref[g, v, 1])
+            s2 += np.float64(ref[g, v, 2])
+        if not (np.isfinite(s0) and np.isfinite(s1) and np.isfinite(s2)):
+            finite = False
+        c0 = s0 / n
+        c1 = s1 / n
+        c2 = s2 / n
+        centroid[gi, 0] = c0
+        centroid[gi, 1] = c1
+        centroid[gi, 2] = c2
+        for v in range(n):
+            out[gi, v, 0] = np.float32(np.float64(ref[g, v, 0]) - c0)
+            out[gi, v, 1] = np.float32(np.float64(ref[g, v, 1]) - c1)
+            out[gi, v, 2] = np.float32(np.float64(ref[g, v, 2]) - c2)
+    return centroid, out, finite
 
 
 @njit(nogil=True, cache=True)
@@ -911,12 +950,16 @@ def score_exact(p, r, s, t, ref_of, q, nrm, nbr, axes, origin, dims, cell, start
        other count runs :func:`_search`, the per-point check.
 
     The grouping only decides which points share a gathered list, never an answer. Returns
-    near (a, m) int64 and d (a, m) float32 ``n_q . (x - q)``.
+    near (a, m) int64, d (a, m) float32 ``n_q . (x - q)`` and ss (a,) float64, the sum of the
+    squared distances (in float64) in ``icp._rowsum``'s order: 8 interleaved partial sums, front
+    to back, combined pairwise.
     """
     a_, m, _ = p.shape
     n = q.shape[1]
     near = np.empty((a_, m), np.int64)
     dist = np.empty((a_, m), np.float32)
+    ss = np.empty(a_)
+    lanes = np.empty(8)
     xs = np.empty((m, 3), np.float32)  # the moved points
     ds = np.empty(m)  # squared walk distances (column frame, float64)
     cs = np.empty(m, np.int64)  # walk ends, then answers
@@ -1019,9 +1062,14 @@ def score_exact(p, r, s, t, ref_of, q, nrm, nbr, axes, origin, dims, cell, start
                         cs[i], _ = _search(np.float64(xs[i, ax[0]]), np.float64(xs[i, ax[1]]), np.float64(xs[i, ax[2]]),
                                            cs[i], ds[i], g, origin, dims, cell, starts, items, coords)
                 lo = hi
+        lanes[:] = 0.0
         for i in range(m):
             c = cs[i]
             near[b, i] = c
-            dist[b, i] = ((xs[i, 0] - q[g, c, 0]) * nrm[g, c, 0] + (xs[i, 1] - q[g, c, 1]) * nrm[g, c, 1]
-                          + (xs[i, 2] - q[g, c, 2]) * nrm[g, c, 2])
-    return near, dist
+            dv = ((xs[i, 0] - q[g, c, 0]) * nrm[g, c, 0] + (xs[i, 1] - q[g, c, 1]) * nrm[g, c, 1]
+                  + (xs[i, 2] - q[g, c, 2]) * nrm[g, c, 2])
+            dist[b, i] = dv
+            d64 = np.float64(dv)
+            lanes[i & 7] += d64 * d64
+        ss[b] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+    return near, dist, ss

@@ -845,16 +845,30 @@ def _new_out(b, m, want):
     )
 
 
-def _chunk_references(ref, refs_in_chunk, group, samples):
+def _chunk_references(ref, refs_in_chunk, group, samples, kernel=None):
     """Local reference index of each sample (gl), the chunk's reference centroids (G, 3) float64
-    and their centred float32 vertices (G, N, 3), C-ordered."""
+    and their centred float32 vertices (G, N, 3), C-ordered (the same numbers with the compiled
+    ``kernel.center_references``, in one pass)."""
     g_local = {int(g): i for i, g in enumerate(refs_in_chunk)}
     gl = np.array([g_local[int(group[b])] for b in samples], np.int64)
+    if kernel is not None:
+        rows = np.asarray(refs_in_chunk, dtype=np.int64)
+        if not (ref.dtype == np.float32 and ref.flags.c_contiguous):  # one other compiled layout: float64 rows
+            ref, rows = np.ascontiguousarray(ref[rows], dtype=np.float64), np.arange(rows.size, dtype=np.int64)
+        centroid, q32, finite = kernel.center_references(ref, rows)
+        if not finite:
+            raise ValidationError("contains NaN or infinite values", key="ref")
+        return gl, centroid, q32
     refc = np.asarray(ref[refs_in_chunk])
     if not np.isfinite(refc).all():
         raise ValidationError("contains NaN or infinite values", key="ref")
     centroid = refc.mean(axis=1, dtype=np.float64)
     return gl, centroid, np.ascontiguousarray((refc - centroid[:, None, :]).astype(np.float32))
+
+
+def _region_pivots(q32: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """(G, 3) float64 rotation centres of a part's ICP: the mean of each reference's region vertices."""
+    return q32[:, ids].astype(np.float64).mean(axis=1)
 
 
 def _chunk_predictions(pred, samples) -> np.ndarray:
@@ -931,9 +945,9 @@ def _process_chunk(be, plan: _Plan, pred, ref, samples, refs_in_chunk, group, wi
         itp = part.it_local
         loc = part.local_of[near[:, ids[itp]]]
         warm = np.where(loc >= 0, loc, itp[None, :])
-        q_r = q_gl[:, ids].astype(np.float64)
+        q_r = q_gl[:, ids[itp]].astype(np.float64)
         rp, sp, tp, itp_n, convp, c_p = _icp_iterations(
-            be, ptab, p[:, ids[itp]].astype(np.float64), q_r[:, itp], pbase, r, s, t, warm, q_r.mean(axis=1),
+            be, ptab, p[:, ids[itp]].astype(np.float64), q_r, pbase, r, s, t, warm, _region_pivots(q32, ids)[gl],
             cfg.part_max_iterations, cfg, trees,
         )
         if use_trees:
@@ -960,7 +974,7 @@ def _process_chunk_compiled(plan: _Plan, pred, ref, samples, refs_in_chunk, grou
     to rounding (sums and the small linear solves are grouped differently)."""
     upm = cfg.units_per_mm
     tol = cfg.tolerance_mm * upm
-    gl, centroid, q32 = _chunk_references(ref, refs_in_chunk, group, samples)
+    gl, centroid, q32 = _chunk_references(ref, refs_in_chunk, group, samples, kernel)
     nrm = kernel.normals32(q32, plan.triangles)
     p = _chunk_predictions(pred, samples).astype(np.float32, order="C", copy=False)
     a = len(samples)
@@ -982,8 +996,8 @@ def _process_chunk_compiled(plan: _Plan, pred, ref, samples, refs_in_chunk, grou
         q32, nrm, gnbr, *grid, int(cfg.max_walk_steps),
     )
     # 3. score every vertex (exhaustive)
-    near, d = kernel.score_exact(p, r, s, t, gl, q32, nrm, gnbr, *grid, int(cfg.max_walk_steps))
-    _store(outs[0], samples, d, near, r, s, t, centroid[gl], iters, conv, upm, want)
+    near, d, ss = kernel.score_exact(p, r, s, t, gl, q32, nrm, gnbr, *grid, int(cfg.max_walk_steps))
+    _store(outs[0], samples, d, near, r, s, t, centroid[gl], iters, conv, upm, want, ss)
     # 4. parts: local ICP from the global transform, nearest vertices among the region's vertices
     for pi, part in enumerate(plan.parts):
         ids = part.ids
@@ -994,15 +1008,14 @@ def _process_chunk_compiled(plan: _Plan, pred, ref, samples, refs_in_chunk, grou
         itp = part.it_local
         loc = part.local_of[near[:, ids[itp]]]
         warm = np.array(np.where(loc >= 0, loc, itp[None, :]), dtype=np.int64, order="C")
-        q_r = _c64(qp[gl])
         pv = np.ascontiguousarray(p[:, ids])
         rp, sp, tp, itp_n, convp, _ = kernel.icp_iterate(
-            _c64(pv[:, itp]), _c64(q_r[:, itp]), gl, r, s, t, warm, q_r.mean(axis=1),
+            _c64(pv[:, itp]), _c64(qp[:, itp].astype(np.float64)[gl]), gl, r, s, t, warm, _region_pivots(qp, slice(None))[gl],
             int(cfg.part_max_iterations), float(cfg.damping), float(cfg.rmse_rtol), float(tol), True, float(_CERT_MARGIN_MM * upm),
             qp, npart, pnbr, *pgrid, int(cfg.max_walk_steps),
         )
-        nr, dr = kernel.score_exact(pv, rp, sp, tp, gl, qp, npart, pnbr, *pgrid, int(cfg.max_walk_steps))
-        _store(outs[1 + pi], samples, dr, ids[nr], rp, sp, tp, centroid[gl], itp_n, convp, upm, want)
+        nr, dr, ssr = kernel.score_exact(pv, rp, sp, tp, gl, qp, npart, pnbr, *pgrid, int(cfg.max_walk_steps))
+        _store(outs[1 + pi], samples, dr, ids[nr] if want else None, rp, sp, tp, centroid[gl], itp_n, convp, upm, want, ssr)
 
 
 def _apply(p, r, s, t) -> np.ndarray:
@@ -1096,9 +1109,13 @@ def _exact_pass(q32, nrm, gl, x_all, trees=None):
     return near, d.astype(np.float32, copy=False)
 
 
-def _store(out: _Out, samples, d, near, r, s, t, centroid, iters, conv, upm, want):
-    d64 = d.astype(np.float64)
-    out.rmse[samples] = np.sqrt(_rowsum(d64 * d64) / d.shape[1]) / upm
+def _store(out: _Out, samples, d, near, r, s, t, centroid, iters, conv, upm, want, ss=None):
+    """Write a chunk's results; ``ss``: the rows' sums of squared distances when the caller
+    already has them (``_rowsum(d64 * d64)``, the same numbers)."""
+    if ss is None:
+        d64 = d.astype(np.float64)
+        ss = _rowsum(d64 * d64)
+    out.rmse[samples] = np.sqrt(ss / d.shape[1]) / upm
     out.rot[samples] = r
     out.scale[samples] = s
     out.trans[samples] = t + centroid  # back to the reference's own coordinates
