@@ -159,7 +159,13 @@ def main(argv=None):
         def threadpool_limits(**_):
             return nullcontext()
 
-    model = load_bfm(args.bfm)
+    from v2m_bench.errors import BFMNotFoundError
+
+    try:
+        model = load_bfm(args.bfm)
+    except BFMNotFoundError as e:  # a message on how to get the model, not a traceback
+        print(f"{Path(__file__).name}: {e}", file=sys.stderr)
+        return 2
     lm = synthetic_landmarks(model, args.faces)
     cfg = FitConfig()
     system = KeypointSystem.from_model(model, cfg)

@@ -22,6 +22,7 @@ import platform
 import resource
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -117,7 +118,13 @@ def main(argv=None) -> int:
     from v2m_bench.icp import DEFAULT_ICP_CONFIG, icp_scores
     from v2m_bench.topology import bfm_regions
 
-    model = load_bfm(args.bfm)
+    from v2m_bench.errors import BFMNotFoundError
+
+    try:
+        model = load_bfm(args.bfm)
+    except BFMNotFoundError as e:  # a message on how to get the model, not a traceback
+        print(f"{Path(__file__).name}: {e}", file=sys.stderr)
+        return 2
     regions = bfm_regions(model)
     n_id, per = args.n_identities, args.predictions_per_identity
     rng = np.random.default_rng(args.seed)
