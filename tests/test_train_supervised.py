@@ -340,3 +340,43 @@ def test_cli_trains_resumes_and_reports_user_errors(tiny, tmp_path):
     assert load_checkpoint(sh)["task"]["shuffle_mode"] == "iteration"
     res = runner.invoke(main, ["supervised", *common, "--shuffle-pairs", "--shuffle-mode", "sometimes"])
     assert res.exit_code == 2 and "sometimes" in res.output
+
+
+def test_validation_metrics_need_the_bfm_topology(tmp_path, monkeypatch):
+    """A model with 40 + 10 coefficients but another mesh (the small test model a build can be made
+    with) cannot serve the metrics, which read fixed BFM vertex ids: none is used, and the log
+    says why, for every trainer's validation."""
+    from conftest import make_small_model
+    from v2m_models.supervised import usable_bfm
+
+    monkeypatch.delenv("V2M_BFM_DIR", raising=False)
+    npz = tmp_path / "small.npz"
+    make_small_model(0).save(npz)
+    logged = []
+    assert usable_bfm(str(npz), None, logged.append) is None
+    assert len(logged) == 1 and "576 vertices" in logged[0] and "no geometric metrics" in logged[0]
+
+    class Build:  # a build whose manifest names the small model
+        manifest = {"inputs": {"bfm": str(npz)}}
+
+    logged.clear()
+    assert usable_bfm(None, Build(), logged.append) is None
+    assert "576 vertices" in logged[-1]
+
+
+def test_validation_uses_the_bfm_when_it_is_there(bfm_dir):
+    from v2m_models.supervised import usable_bfm
+
+    logged = []
+    b = usable_bfm(str(bfm_dir), None, logged.append)
+    assert b is not None and b.n_vertices == 53215 and not logged
+
+
+def test_the_mesh_loss_takes_any_40_plus_10_model(tmp_path, monkeypatch):
+    from conftest import make_small_model
+    from v2m_models.supervised import usable_bfm
+
+    monkeypatch.delenv("V2M_BFM_DIR", raising=False)
+    npz = tmp_path / "small.npz"
+    make_small_model(0).save(npz)
+    assert usable_bfm(str(npz), None, topology=False).n_vertices == 576

@@ -68,6 +68,7 @@ __all__ = [
     "load_encoder",
     "embed_utterances",
     "find_bfm",
+    "usable_bfm",
     "SHUFFLE_MODES",
 ]
 
@@ -182,6 +183,30 @@ def find_bfm(config_bfm=None, dataset=None, log=None):
     if log is not None:
         log("no BFM found (set V2M_BFM_DIR or --bfm): validation reports no geometric metrics")
     return None
+
+
+def usable_bfm(config_bfm=None, dataset=None, log=None, *, topology: bool = True):
+    """The BFM found by :func:`find_bfm` if it can serve, else None, with the reason logged.
+
+    Every use needs 40 shape and 10 expression coefficients. With ``topology`` (validation
+    metrics: ARE, NME and the ICP RMSE read fixed vertex ids of the 53,215-vertex BFM) the mesh
+    must be the BFM's too, so a model of another mesh, such as a small test model a build was
+    made with, gives None and validation reports no geometric metrics. Without it (the mesh loss,
+    which only needs the basis' Gram matrix) any 40 + 10 model serves.
+    """
+    from v2m_bench.bfm import N_VERTICES
+
+    b = find_bfm(config_bfm, dataset, log)
+    if b is None:
+        return None
+    if b.n_shape != 40 or b.n_expression != 10 or (topology and b.n_vertices != N_VERTICES):
+        if log is not None:
+            want = f"the BFM's {N_VERTICES} vertices and 40 + 10" if topology else "40 + 10 coefficients"
+            log(f"the model has {b.n_vertices} vertices and {b.n_shape} + {b.n_expression} coefficients, "
+                f"not {want}: no geometric metrics" if topology else
+                f"the model has {b.n_shape} + {b.n_expression} coefficients, not {want}")
+        return None
+    return b
 
 
 def load_encoder(path, map_location="cpu") -> tuple[VoiceEncoder, dict]:
@@ -504,14 +529,7 @@ class SupervisedTask(_VoiceTask):
     def _geometry(self, run: Run):
         if not self._bfm_looked:
             self._bfm_looked = True
-            self._bfm = find_bfm(self.config.bfm, self.dataset, run.log)
-            from v2m_bench.bfm import N_VERTICES
-
-            b = self._bfm
-            if b is not None and (b.n_shape != 40 or b.n_expression != 10 or b.n_vertices != N_VERTICES):
-                run.log(f"the model has {b.n_vertices} vertices and {b.n_shape} + {b.n_expression} coefficients, "
-                        f"not the BFM's {N_VERTICES} and 40 + 10: no geometric metrics")
-                self._bfm = None
+            self._bfm = usable_bfm(self.config.bfm, self.dataset, run.log)
         return self._bfm
 
     def validate(self, run: Run) -> dict:

@@ -47,6 +47,7 @@ from v2m_bench.errors import ValidationError
 
 from .data import BatchPlanner, CoefficientStats, CropConfig, FaceBank
 from .nets import ImageTo3DMM, MobileNetV2
+from .supervised import usable_bfm
 from .training import FitResult, Run, Task, TrainConfig, fit, load_checkpoint, make_adam
 
 __all__ = [
@@ -60,7 +61,6 @@ __all__ = [
     "make_regressor",
     "load_teacher",
     "train_teacher",
-    "usable_bfm",
     "reference_images",
 ]
 
@@ -254,19 +254,6 @@ def reference_images(dataset):
     return names, np.asarray(images, np.int64), np.asarray(rows, np.int64), refs
 
 
-def usable_bfm(config_bfm, dataset, log=None):
-    """The morphable model for geometric metrics (see :func:`v2m_models.supervised.find_bfm`), or None
-    when none is found or it does not have 40 shape and 10 expression coefficients."""
-    from .supervised import find_bfm
-
-    b = find_bfm(config_bfm, dataset, log)
-    if b is not None and (b.n_shape != 40 or b.n_expression != 10):
-        if log is not None:
-            log(f"the model has {b.n_shape} + {b.n_expression} coefficients, not 40 + 10: no geometric metrics")
-        return None
-    return b
-
-
 # ------------------------------------------------------------------------------------- the network
 class FaceRegressor(nn.Module):
     """Image -> 3DMM network with its parameter statistics.
@@ -426,6 +413,10 @@ def load_teacher(path, map_location="cpu", *, bfm=None, input_format: str = "rgb
             raise ValidationError("neither a voice2mesh checkpoint nor a state dict of tensors", path=str(path))
         state = _strip(state)
         arch = _state_dict_architecture(state, path)
+        # the weights must fit the architecture before the BFM is looked for (its statistics)
+        neutral = CoefficientStats(tuple([0.0] * 62), tuple([1.0] * 62))
+        _load_strict(make_regressor(neutral, arch["width_mult"], arch["last_channels"], 0.2, input_size,
+                                    input_format).net.backbone, state, path)
         from v2m_bench.bfm import load_bfm
 
         m = load_bfm(bfm)

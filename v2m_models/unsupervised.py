@@ -65,8 +65,8 @@ from .data import (
 )
 from .kd import KD_NAMES, PKTLoss, make_kd_loss
 from .nets import VOICE_CHANNELS, FaceCritic, Frozen, Generator, VoiceEncoder
-from .supervised import _VoiceTask, embed_utterances, geometric_metrics, load_encoder
-from .teacher import FaceRegressor, load_teacher, make_regressor, usable_bfm
+from .supervised import _VoiceTask, embed_utterances, geometric_metrics, load_encoder, usable_bfm
+from .teacher import FaceRegressor, load_teacher, make_regressor
 from .training import FitResult, Run, TrainConfig, fit, make_adam
 
 __all__ = [
@@ -313,7 +313,7 @@ class UnsupervisedTask(_VoiceTask):
             has_params = any(p.requires_grad for p in self.kd.parameters())
             self.kd_net = run.wrap(self.kd, broadcast_buffers=False) if (has_params and run.env.distributed) else self.kd
             if cfg.mesh_weight > 0:
-                bfm = usable_bfm(cfg.bfm, self.dataset, run.log)
+                bfm = usable_bfm(cfg.bfm, self.dataset, run.log, topology=False)
                 if bfm is None:
                     raise ValidationError("the mesh loss needs the morphable model: set V2M_BFM_DIR or --bfm, "
                                           "or --mesh-weight 0", key="mesh_weight")
