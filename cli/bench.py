@@ -15,9 +15,9 @@ def main():
 
 def _register():
     # each command lives in its own module; imported here so `v2m-bench --help` lists them all
-    from . import bench_convert, bench_export, bench_fetch, bench_report, bench_score
+    from . import bench_convert, bench_export, bench_fetch, bench_report, bench_score, bench_toy
 
-    for mod in (bench_score, bench_fetch, bench_convert, bench_report, bench_export):
+    for mod in (bench_score, bench_report, bench_export, bench_toy, bench_fetch, bench_convert):
         main.add_command(mod.command)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from v2m_bench.download import BFM_URLS, ChecksumError, default_bfm_dest, fetch_bfm
+from v2m_bench.errors import DownloadError
 
 from ._common import UserError, progress_enabled, user_errors
 
@@ -72,6 +73,9 @@ def command(base_url, dest, no_verify, force, progress, timeout):
                 "not the genuine 3DDFA one (pass --no-verify to accept a non-genuine model)"
             ) from None
         raise
+    except DownloadError as e:
+        raise UserError(f"{e}; without internet access, point V2M_BFM_DIR (or --bfm) at a folder holding the seven "
+                        "files, or fetch them from a mirror with --base-url URL") from None
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End to end on the synthetic world, honestly (issue 4, section 5):
+# End to end on the synthetic world, honestly:
 #
 #   synth world -> build -> voice encoder -> supervised -> predict -> score
 #   + the control: the same supervised recipe on shuffled voice/target pairs

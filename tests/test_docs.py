@@ -1,27 +1,26 @@
-"""Every command and Python example in README.md and docs/*.md runs; the docs site builds.
+"""Every command and Python example in README.md and docs/*.md runs as written; the docs site builds.
 
 Convention for fenced blocks (```bash and ```python; other languages are not run):
 
 - Files run in a fixed order (README.md, then the pages in mkdocs.yml's nav order, then any other
-  docs/*.md) in ONE temporary working folder, so a page may use what an earlier one made (the
-  toy files of the Quickstart). The folder starts with ``examples/`` (a link to the repository's)
-  and small toy ``predictions.h5`` / ``references.h5``, the names the examples use for "your
-  files". V2M_BFM_DIR comes from the environment; without it the test is skipped.
+  docs/*.md) in ONE fresh temporary working folder outside the repository (examples run from any
+  folder), so a page may use what an earlier one made (the toy files of the Quickstart). Nothing is
+  prepared there beforehand: every file an example reads was made by an example shown before it.
+  V2M_BFM_DIR comes from the environment; without it the test is skipped.
 - Bash blocks run line by line (``\\`` continuations joined) with ``bash -e``; the same line is
   run once even when several pages show it. Exceptions:
   ``pip install ...`` is checked, not run (the options parse, every requirement is valid, every
   ``.[extra]`` exists in pyproject.toml); ``python -m pytest`` / ``pytest`` is not run again from
   inside the tests; ``v2m-bench fetch-bfm`` runs against a local 127.0.0.1 server that serves the
   V2M_BFM_DIR files, with ``--base-url URL --no-verify --dest DIR`` appended.
-- Python blocks of one file run in one namespace, in order, in the working folder.
-- An HTML comment right before a block (blank lines between are allowed) changes that:
-  ``<!-- test: skip REASON -->`` skips the block (a reason is required) and
-  ``<!-- test: setup CODE -->`` (the comment may span lines) runs CODE in the namespace first,
-  for examples that use the reader's own arrays.
+- Python blocks of one file run in one namespace, in order, in the working folder. No code is run
+  that the reader does not see.
+- ``<!-- test: skip REASON -->`` right before a block (blank lines between are allowed) skips it (a
+  reason is required): for what needs data or hardware a test cannot have.
 - A ``<!-- test: ... -->`` comment that is not attached to a block (text between it and the next
-  fence) fails ``test_every_marker_belongs_to_a_block``.
+  fence) fails ``test_every_marker_belongs_to_a_block``; any other kind of marker fails
+  ``test_parser_and_markers``.
 """
-
 from __future__ import annotations
 
 import functools
@@ -31,7 +30,6 @@ import importlib.util
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import threading
@@ -43,7 +41,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 _FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)[^\n]*$")
-_MARKER = re.compile(r"<!--\s*test:\s*(skip|setup)\b(.*?)-->", re.S)
+_MARKER = re.compile(r"<!--\s*test:\s*(\w+)\b(.*?)-->", re.S)
 
 
 @dataclass
@@ -52,7 +50,7 @@ class Block:
     line: int  # 1-based line of the opening fence
     lang: str
     code: str
-    marker: tuple[str, str] | None = None  # ("skip", reason) or ("setup", code)
+    marker: tuple[str, str] | None = None  # ("skip", reason)
 
 
 def parse_blocks(text: str, path: str) -> list[Block]:
@@ -83,6 +81,8 @@ def parse_blocks(text: str, path: str) -> list[Block]:
             mm = _MARKER.search("\n".join(lines[max(start, 0):k + 1]))
             if mm:
                 kind, body = mm.group(1), mm.group(2).strip()
+                if kind != "skip":
+                    raise ValueError(f"{path}:{k + 1}: unknown marker '<!-- test: {kind} -->' (only 'skip REASON')")
                 if not body:
                     raise ValueError(f"{path}:{k + 1}: '<!-- test: {kind} -->' needs a reason or code")
                 marker = (kind, body)
@@ -243,13 +243,11 @@ class DocRunner:
 
     def run_python(self, b: Block, ns: dict, where: str) -> str:
         key = hashlib.sha256(b.code.encode()).hexdigest()
-        if key in self.done_python and not b.marker:
+        if key in self.done_python:
             return f"{where}: python already run"
         old = os.getcwd()
         os.chdir(self.work)
         try:
-            if b.marker and b.marker[0] == "setup":
-                exec(compile(b.marker[1], f"{where} (setup)", "exec"), ns)
             exec(compile(b.code, where, "exec"), ns)
         except Exception as e:  # noqa: BLE001 - reported with the block's place
             raise AssertionError(f"{where}: the python example failed: {type(e).__name__}: {e}") from e
@@ -261,7 +259,8 @@ class DocRunner:
     def run_command(self, line: str, where: str) -> str:
         words = shlex.split(line)
         if words[:2] == ["pip", "install"] or words[:4] == ["python", "-m", "pip", "install"]:
-            check_pip_install(line)
+            for part in line.split(" && "):
+                check_pip_install(part)
             return f"{where}: checked {line!r}"
         if words[:3] == ["python", "-m", "pytest"] or words[:1] == ["pytest"]:
             return f"{where}: not run from inside the tests: {line!r}"
@@ -286,13 +285,6 @@ class DocRunner:
 @pytest.fixture(scope="module")
 def runner(bfm_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("docs-work")
-    (work / "examples").symlink_to(ROOT / "examples", target_is_directory=True)
-    seed = tmp_path_factory.mktemp("docs-seed")
-    env = dict(os.environ, V2M_BFM_DIR=str(bfm_dir))
-    subprocess.run([sys.executable, str(ROOT / "examples" / "make_toy_files.py"), "--out", str(seed),
-                    "--identities", "3", "--bfm", str(bfm_dir)], check=True, capture_output=True, env=env)
-    shutil.copy(seed / "good.h5", work / "predictions.h5")
-    shutil.copy(seed / "references.h5", work / "references.h5")
     r = DocRunner(work, bfm_dir)
     yield r
     r.close()
@@ -302,22 +294,26 @@ def runner(bfm_dir, tmp_path_factory):
 def test_parser_and_markers():
     text = (
         "Intro\n\n<!-- test: skip needs the real data -->\n\n```bash\nv2m-bench score a.h5 \\\n  --references b.h5\n```\n\n"
-        "<!-- test: setup\nx = 41\n-->\n```python\nprint(x + 1)\n```\n\n```text\nnot run\n```\n"
+        "```python\nprint(41 + 1)\n```\n\n```text\nnot run\n```\n"
         "<!-- an ordinary comment -->\n```bash\necho hi\n# a comment\n```\n"
     )
     b = parse_blocks(text, "t.md")
     assert [x.lang for x in b] == ["bash", "python", "text", "bash"]
     assert b[0].marker == ("skip", "needs the real data")
     assert logical_lines(b[0].code) == ["v2m-bench score a.h5    --references b.h5"]
-    assert b[1].marker == ("setup", "x = 41") and b[1].code == "print(x + 1)"
+    assert b[1].marker is None and b[1].code == "print(41 + 1)"
     assert b[2].marker is None and b[3].marker is None
     assert logical_lines(b[3].code) == ["echo hi"]
     with pytest.raises(ValueError, match="needs a reason"):
         parse_blocks("<!-- test: skip -->\n```bash\nls\n```\n", "t.md")
+    # hidden set-up code is not a thing: what a reader sees is what runs
+    with pytest.raises(ValueError, match="unknown marker"):
+        parse_blocks("<!-- test: setup\nx = 41\n-->\n```python\nprint(x + 1)\n```\n", "t.md")
 
 
 def test_pip_install_check():
     check_pip_install('pip install torch==2.13.0 -e ".[test]"')
+    check_pip_install('pip install --no-deps "face-alignment>=1.4"')
     check_pip_install('pip install -e ".[docs]"')
     with pytest.raises(AssertionError, match="unknown extra"):
         check_pip_install('pip install -e ".[nosuchextra]"')

@@ -354,6 +354,7 @@ def test_cli_404_is_one_line_exit_2(server, tmp_path):
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "404" in last and f"{server.url}/u_shp.npy" in last
     assert "Traceback" not in res.output
+    assert "V2M_BFM_DIR" in last and "--base-url" in last  # says what else works offline
 
 
 # ------------------------------------------------------------------ with the shared BFM stand-in

@@ -1,6 +1,6 @@
 """End to end on the synthetic world: build -> train supervised -> predict -> score.
 
-A CI-sized version of examples/synthetic_end_to_end.sh (issue 4, section 5). A world of
+A CI-sized version of examples/synthetic_end_to_end.sh. A world of
 ``N_IDENTITIES`` made-up people on the real BFM (v2m_data.synth) is built with the precomputed
 landmarks (v2m_data.pipeline); a tiny supervised model (v2m_models.supervised) is trained from
 scratch on its F-Z identities, predicts the A-E identities' faces from their voices

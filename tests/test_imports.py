@@ -52,3 +52,30 @@ SCRIPT = textwrap.dedent(
 def test_v2m_bench_needs_only_numpy_scipy_h5py():
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_the_data_and_model_packages_name_their_entry_points():
+    """``v2m_data`` and ``v2m_models`` expose a small public surface, loaded on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, v2m_data, v2m_models\n"
+        "assert 'torch' not in sys.modules and 'v2m_data.pipeline' not in sys.modules\n"
+        "from v2m_data import build, open_dataset, make_world\n"
+        "from v2m_data.pipeline import build as b\n"
+        "assert build is b\n"
+        "from v2m_models import train_supervised, predict\n"
+        "import v2m_models.supervised as s\n"
+        "assert train_supervised is s.train_supervised\n"
+        "for pkg in (v2m_data, v2m_models):\n"
+        "    assert pkg.__doc__ and all(hasattr(pkg, n) for n in pkg.__all__)\n"
+        "try:\n"
+        "    v2m_data.nope\n"
+        "except AttributeError as e:\n"
+        "    assert 'nope' in str(e)\n"
+        "else:\n"
+        "    raise SystemExit('no AttributeError')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr

@@ -272,7 +272,7 @@ def test_dask_backend_gives_the_same_bytes_as_loky(world, reference_build, tmp_p
 
 
 def test_blas_limit_holds_until_the_last_concurrent_shard_ends():
-    """The cause of the dask != loky bytes (issue 3): shards built on two threads of one process.
+    """Why dask and loky builds could differ in bytes: shards built on two threads of one process.
 
     OpenBLAS rounds differently on 1 and 2 threads, and its thread count is process-wide: when the
     first shard ended it restored 2 threads under the shard still computing (and the second one
