@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import functools
-import sys
 
 import click
 
 from v2m_bench.errors import V2MError
+from v2m_bench.fileio import progress_enabled  # noqa: F401 - the commands' one rule for progress bars
 
 
 class UserError(click.ClickException):
@@ -34,8 +34,31 @@ def user_errors(fn):
     return wrapper
 
 
-def progress_enabled(flag: bool | None) -> bool:
-    """Progress bars: on when asked, else only on an interactive terminal."""
-    if flag is not None:
-        return flag
-    return sys.stderr.isatty()
+def out_option(help: str, *, path_type=None, file_okay: bool = True, dir_okay: bool = True):
+    """``--out PATH`` (required), also accepting the older positional form for one release.
+
+    The decorated command takes ``out``. A positional output (``merge OUT``) still works, with a
+    deprecation note on stderr; both at once, or neither, is a usage error.
+    """
+    from pathlib import Path
+
+    ptype = click.Path(file_okay=file_okay, dir_okay=dir_okay, path_type=path_type or Path)
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, out=None, legacy_out=None, **kwargs):
+            ctx = click.get_current_context()
+            if out is not None and legacy_out is not None:
+                raise click.UsageError(f"give the output once: --out {out} or the positional {legacy_out}", ctx)
+            if out is None and legacy_out is None:
+                raise click.UsageError("Missing option '--out'.", ctx)
+            if legacy_out is not None:
+                click.echo(f"note: the positional output is deprecated and will be removed; use --out {legacy_out}",
+                           err=True)
+                out = legacy_out
+            return fn(*args, out=out, **kwargs)
+
+        wrapper = click.option("--out", "out", type=ptype, default=None, help=f"{help}  [required]")(wrapper)
+        return click.argument("legacy_out", required=False, metavar="", type=ptype)(wrapper)
+
+    return deco

@@ -3,8 +3,8 @@
 ::
 
     v2m-build-dataset --voxceleb DIR --vggface DIR --out DIR [options]     # build (resumes)
-    v2m-build-dataset merge OUT                                             # finish a shard array
-    v2m-build-dataset synth OUT --identities N                              # a synthetic world
+    v2m-build-dataset merge --out OUT                                       # finish a shard array
+    v2m-build-dataset synth --out OUT --identities N                        # a synthetic world
 
 Exit status: 0 when the build finished (per-item failures are recorded in OUT/manifest.json, not
 fatal); 2 with a one-line ``error: ...`` for fatal input errors (missing folders, unreadable
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import UserError, progress_enabled, user_errors
+from ._common import UserError, out_option, progress_enabled, user_errors
 
 
 def _options(values) -> tuple:
@@ -110,11 +110,11 @@ def main(ctx, voxceleb, vggface, vox_meta, vggface_annotations, out, bfm, detect
 
 
 @main.command()
-@click.argument("out", metavar="OUT")
+@out_option("The build folder the job array wrote into.", file_okay=False)
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: only on a terminal).")
 @user_errors
 def merge(out, progress):
-    """Finish a shard-array build in OUT: check that every job and shard is there, then write
+    """Finish a shard-array build in --out: check that every job and shard is there, then write
     references.h5 and manifest.json."""
     from v2m_data.pipeline import merge as do_merge
 
@@ -123,20 +123,25 @@ def merge(out, progress):
 
 
 @main.command()
-@click.argument("out", metavar="OUT")
-@click.option("--identities", "n_identities", type=click.IntRange(min=1), default=12, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--bfm", metavar="DIR", help="Model to render (default: $V2M_BFM_DIR, then the cache).")
-@click.option("--images-per-identity", type=click.IntRange(min=1), default=None)
-@click.option("--videos-per-identity", type=click.IntRange(min=1), default=None)
-@click.option("--utterances-per-video", type=click.IntRange(min=1), default=None)
-@click.option("--image-size", type=click.IntRange(min=32), default=None)
-@click.option("--overwrite", is_flag=True, help="Write over a previous world in OUT.")
+@out_option("Folder to write the world into (created).", file_okay=False)
+@click.option("--identities", "n_identities", type=click.IntRange(min=1), default=12, show_default=True,
+              help="Identities in the world (VoxCeleb1-style ids, names A–Z).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed (same seed, same world).")
+@click.option("--bfm", metavar="PATH", help="Model to render: 3DDFA train.configs folder or .npz (default: $V2M_BFM_DIR, then the cache).")
+@click.option("--images-per-identity", type=click.IntRange(min=1), default=None,
+              help="VGGFace images per identity.  [default: the world's, see v2m_data.synth.SynthConfig]")
+@click.option("--videos-per-identity", type=click.IntRange(min=1), default=None,
+              help="VoxCeleb1 videos per identity.  [default: the world's]")
+@click.option("--utterances-per-video", type=click.IntRange(min=1), default=None,
+              help="Utterances per video.  [default: the world's]")
+@click.option("--image-size", type=click.IntRange(min=32), default=None,
+              help="Side of the square images in pixels.  [default: the world's]")
+@click.option("--overwrite", is_flag=True, help="Write over a previous world in --out.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: only on a terminal).")
 @user_errors
 def synth(out, n_identities, seed, bfm, images_per_identity, videos_per_identity, utterances_per_video, image_size,
           overwrite, progress):
-    """Write a synthetic world (VoxCeleb1 + VGGFace layout, .pts landmarks, truth.h5) into OUT,
+    """Write a synthetic world (VoxCeleb1 + VGGFace layout, .pts landmarks, truth.h5) into --out,
     to try the build with --voxceleb OUT --vggface OUT/vggface --detector precomputed."""
     from v2m_bench.bfm import load_bfm
     from v2m_data.synth import make_world

@@ -71,7 +71,7 @@ TRAIN_COMMON=(--data "$OUT/build" --device "$DEVICE" --seed "$SEED" --batch-size
 
 # 1. the world (VoxCeleb1 + VGGFace layouts, .pts landmarks, truth.h5)
 if [ ! -f "$OUT/world/truth.h5" ]; then
-    step synth v2m-build-dataset synth "$OUT/world" --identities "$IDENTITIES" --seed "$SEED" \
+    step synth v2m-build-dataset synth --out "$OUT/world" --identities "$IDENTITIES" --seed "$SEED" \
         --images-per-identity "$IMAGES" --videos-per-identity "$VIDEOS" --utterances-per-video "$UTTERANCES" \
         --image-size "$IMAGE_SIZE" --overwrite
 fi

@@ -101,9 +101,9 @@ def test_out_that_is_a_file_is_fatal(world, tmp_path):
 
 
 def test_merge_without_jobs_is_fatal(tmp_path):
-    res = CliRunner().invoke(main, ["merge", str(tmp_path)])
+    res = CliRunner().invoke(main, ["merge", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "no job manifests" in _one_error_line(res)
-    res = CliRunner().invoke(main, ["merge", str(tmp_path / "absent")])
+    res = CliRunner().invoke(main, ["merge", "--out", str(tmp_path / "absent")])
     assert res.exit_code == 2 and "no such build folder" in _one_error_line(res)
 
 
@@ -113,7 +113,7 @@ def test_shard_array_and_merge_through_the_cli(world, tmp_path):
         res = CliRunner().invoke(main, _args(world, out, "--shard-index", str(i), "--num-shards", "2"))
         assert res.exit_code == 0, res.output
     assert not (out / "manifest.json").exists()
-    res = CliRunner().invoke(main, ["merge", str(out)])
+    res = CliRunner().invoke(main, ["merge", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert (out / "manifest.json").is_file() and "references:" in res.stdout
 
@@ -143,10 +143,25 @@ def test_module_entry_point_and_lock_message(world, tmp_path):
 def test_synth_subcommand(world, tmp_path):
     out = tmp_path / "syn"
     res = CliRunner().invoke(main, [
-        "synth", str(out), "--identities", "2", "--seed", "1", "--bfm", str(world["bfm"]), "--images-per-identity", "1",
+        "synth", "--out", str(out), "--identities", "2", "--seed", "1", "--bfm", str(world["bfm"]), "--images-per-identity", "1",
         "--videos-per-identity", "1", "--utterances-per-video", "1", "--image-size", "64", "--no-progress",
     ])
     assert res.exit_code == 0, res.output
     assert (out / "vox1_meta.csv").is_file() and len(list((out / "wav").rglob("*.wav"))) == 2
-    res = CliRunner().invoke(main, ["synth", str(out), "--identities", "2", "--bfm", str(world["bfm"])])
+    res = CliRunner().invoke(main, ["synth", "--out", str(out), "--identities", "2", "--bfm", str(world["bfm"])])
     assert res.exit_code == 2 and "not empty" in _one_error_line(res)
+
+
+def test_outputs_are_out_and_the_old_positional_form_still_works(tmp_path):
+    """Every command that writes takes --out; the positional form of one release ago is accepted
+    with a deprecation note, both at once or neither is a usage error."""
+    res = CliRunner().invoke(main, ["merge", str(tmp_path)])
+    assert res.exit_code == 2 and "deprecated" in res.stderr and "use --out" in res.stderr
+    assert "no job manifests" in res.stderr  # it ran, on the positional folder
+    res = CliRunner().invoke(main, ["merge", "--out", str(tmp_path), str(tmp_path)])
+    assert res.exit_code == 2 and "give the output once" in res.output
+    for cmd in (["merge"], ["synth"]):
+        res = CliRunner().invoke(main, cmd)
+        assert res.exit_code == 2 and "Missing option '--out'" in res.output
+        help_text = CliRunner().invoke(main, [*cmd, "--help"]).output
+        assert "--out" in help_text and "[required]" in help_text

@@ -1226,7 +1226,7 @@ def build(config: BuildConfig, *, log: Callable[[str], None] | None = None) -> B
             jobdoc["format"] = MANIFEST_FORMAT + "-job"
             (out / "jobs").mkdir(exist_ok=True)
             atomic_write_bytes(out / "jobs" / f"job-{job[0]:05d}-of-{job[1]:05d}.json", _dump(jobdoc))
-            log(f"job {job[0]} of {job[1]} done; run `v2m-build-dataset merge {out}` when every job has finished")
+            log(f"job {job[0]} of {job[1]} done; run `v2m-build-dataset merge --out {out}` when every job has finished")
     result.timings = timings
     return result
 
