@@ -1,4 +1,4 @@
-"""``v2m-bench convert-cmp FOLDER OUT.h5``: import the official release's OBJ predictions."""
+"""``v2m-bench convert-cmp FOLDER --out OUT.h5``: import the official release's OBJ predictions."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ from pathlib import Path
 
 import click
 
-from ._common import progress_enabled, user_errors
+from ._common import out_option, progress_enabled, user_errors
 
 
 @click.command("convert-cmp")
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@out_option("predictions.h5 to write (atomically).", dir_okay=False)
 @click.option(
     "--units",
     type=click.Choice(["bfm", "mm", "m", "official"]),
@@ -21,7 +21,8 @@ from ._common import progress_enabled, user_errors
     "Cross-Modal-Perceptionist scripts (BFM units times the predicted pose scale, ~5.92e-4); "
     "they are divided by 5.920184e-4 and stored in BFM units. See docs/formats.md.",
 )
-@click.option("--model", "model_name", default=None, help="Model name stored in the file attribute 'model'.")
+@click.option("--model-name", "--model", "model_name", default=None,
+              help="Model name stored in the file attribute 'model'.")
 @click.option(
     "--compression",
     type=click.Choice(["none", "gzip", "lzf"]),
@@ -45,7 +46,7 @@ from ._common import progress_enabled, user_errors
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 @user_errors
 def command(folder, out, units, model_name, compression, no_scale_check, expected_vertices, progress):
-    """Convert FOLDER/<Name>/<video>_<utt>.obj meshes into a predictions.h5 (OUT).
+    """Convert FOLDER/<Name>/<video>_<utt>.obj meshes into a predictions.h5 (--out).
 
     FOLDER is the official release's prediction layout: one folder per VGGFace1 name holding one
     OBJ per utterance (53,215 vertices). Identity = folder name, utterance = file stem. OUT is

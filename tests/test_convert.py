@@ -141,7 +141,8 @@ def test_command_converts(cmp_folder, tmp_path):
     out = tmp_path / "out" / "pred.h5"
     res = CliRunner().invoke(
         bench_convert.command,
-        [str(root), str(out), "--expected-vertices", str(NV), "--model", "m1", "--compression", "gzip", "--no-progress"],
+        [str(root), "--out", str(out), "--expected-vertices", str(NV), "--model-name", "m1", "--compression", "gzip",
+         "--no-progress"],
     )
     assert res.exit_code == 0, res.output
     assert f"wrote {out}: 5 meshes of 3 identities, {NV} vertices each, units bfm" in res.output
@@ -154,18 +155,18 @@ def test_command_errors_are_one_line_exit_2_and_keep_existing_output(cmp_folder,
     root, _ = cmp_folder
     out = tmp_path / "pred.h5"
     runner = CliRunner()
-    assert runner.invoke(bench_convert.command, [str(root), str(out), "--expected-vertices", str(NV)]).exit_code == 0
+    assert runner.invoke(bench_convert.command, [str(root), "--out", str(out), "--expected-vertices", str(NV)]).exit_code == 0
     before = out.read_bytes()
     _write_obj(root / "Dee" / "z_00001.obj", _mesh(9, n=NV + 1))
-    res = runner.invoke(bench_convert.command, [str(root), str(out), "--expected-vertices", str(NV)])
+    res = runner.invoke(bench_convert.command, [str(root), "--out", str(out), "--expected-vertices", str(NV)])
     assert res.exit_code == 2
     assert res.output.strip() == f"error: {root / 'Dee' / 'z_00001.obj'}: {NV + 1} vertices, expected {NV}"
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp", "pred.h5"]  # no temporary file left
 
-    res = runner.invoke(bench_convert.command, [str(tmp_path / "nowhere"), str(out)])
+    res = runner.invoke(bench_convert.command, [str(tmp_path / "nowhere"), "--out", str(out)])
     assert res.exit_code == 2 and res.output.startswith("error: ") and "no such folder" in res.output
     empty = tmp_path / "empty"
     empty.mkdir()
-    res = runner.invoke(bench_convert.command, [str(empty), str(tmp_path / "x.h5")])
+    res = runner.invoke(bench_convert.command, [str(empty), "--out", str(tmp_path / "x.h5")])
     assert res.exit_code == 2 and "no .obj files" in res.output
