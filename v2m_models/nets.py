@@ -42,6 +42,7 @@ from v2m_bench.errors import ValidationError
 __all__ = [
     "VOICE_CHANNELS",
     "MOBILENET_V2_SETTING",
+    "make_divisible",
     "VoiceEncoder",
     "SpeakerClassifier",
     "CoefficientHead",
@@ -590,7 +591,7 @@ class Frozen(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def _make_divisible(v: float, divisor: int = 8) -> int:
+def make_divisible(v: float, divisor: int = 8) -> int:
     """Round a channel count to a multiple of ``divisor``, never more than 10 % below ``v``."""
     new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
     if new_v < 0.9 * v:
@@ -697,14 +698,14 @@ class MobileNetV2(nn.Module):
             raise ValidationError(f"width_mult must be positive, got {width_mult}", key="width_mult")
         if last_channels is not None and int(last_channels) < 1:
             raise ValidationError(f"last_channels must be positive, got {last_channels}", key="last_channels")
-        cin = _make_divisible(32 * width_mult)
+        cin = make_divisible(32 * width_mult)
         self.width_mult = float(width_mult)
-        self.feature_dim = int(last_channels) if last_channels is not None else _make_divisible(1280 * max(1.0, width_mult))
+        self.feature_dim = int(last_channels) if last_channels is not None else make_divisible(1280 * max(1.0, width_mult))
         layers: list[nn.Module] = [_conv_bn_relu6(3, cin, kernel=3, stride=2)]
         channels = [cin]
         strides = [2]
         for t, c, n, s in setting:
-            cout = _make_divisible(c * width_mult)
+            cout = make_divisible(c * width_mult)
             for i in range(n):
                 stride = s if i == 0 else 1
                 layers.append(InvertedResidual(cin, cout, stride, t))

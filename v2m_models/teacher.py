@@ -323,7 +323,7 @@ def make_regressor(stats: CoefficientStats, width_mult: float = 1.0, last_channe
 
 def _state_dict_architecture(state: dict, path) -> dict:
     """MobileNetV2 keyword arguments matching a state dict (``backbone.``/``module.`` prefixes removed)."""
-    from .nets import _make_divisible
+    from .nets import make_divisible
 
     w = state.get("features.0.0.weight")
     c = state.get("classifier.weight")
@@ -335,7 +335,7 @@ def _state_dict_architecture(state: dict, path) -> dict:
                               path=str(path), key="classifier.weight")
     stem = int(w.shape[0])
     width = stem / 32.0
-    if _make_divisible(32 * width) != stem:  # pragma: no cover - every stem width maps back
+    if make_divisible(32 * width) != stem:  # pragma: no cover - every stem width maps back
         raise ValidationError(f"cannot infer the width from a stem of {stem} channels", path=str(path))
     return {"width_mult": width, "last_channels": int(c.shape[1])}
 
