@@ -162,11 +162,11 @@ def synth(out, n_identities, seed, bfm, images_per_identity, videos_per_identity
 @click.option("--vox-meta", metavar="CSV", help="vox1_meta.csv naming the identities to fetch (needed with --identities-from vox1_meta).")
 @click.option("--identities-from", type=click.Choice(["vox1_meta", "all"]), default="vox1_meta", show_default=True,
               help="Fetch the identities of vox1_meta.csv, or of every annotation file.")
-@click.option("--workers", type=click.IntRange(min=1), default=16, show_default=True, help="Requests in flight at once.")
+@click.option("--workers", type=click.IntRange(min=1), default=32, show_default=True, help="Requests in flight at once.")
 @click.option("--per-host", type=click.IntRange(min=1), default=2, show_default=True, help="Requests in flight at once to one host.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True,
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=15.0, show_default=True,
               help="Seconds per request (connect, each read, whole body).")
-@click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,
+@click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="Retries of a timeout, connection error, 429 or 5xx (with backoff; Retry-After honoured).")
 @click.option("--max-bytes", type=click.IntRange(min=1), default=20_000_000, show_default=True, help="Largest image accepted, bytes.")
 @click.option("--curated-only", is_flag=True, help="Only the lines of the curated set (curation field 1).")

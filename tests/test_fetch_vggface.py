@@ -495,3 +495,67 @@ def test_validate_image_bytes():
     assert validate_image_bytes(good, (0, 0, 300, 100))[0] == "box-outside"
     assert validate_image_bytes(b"GIF89a junk", BOX)[0] == "not-an-image"
     assert validate_image_bytes(jpeg(3, 20, 20), (1, 1, 10, 10), min_side=32)[0] == "too-small"
+
+
+def test_the_build_takes_the_fetched_folder_as_it_is(server, tmp_path):
+    """Serve a synthetic world's VGGFace images, fetch them, build from the fetched folder: same faces."""
+    import shutil
+
+    from conftest import make_small_model
+    from v2m_data.pipeline import BuildConfig, build
+    from v2m_data.shards import open_dataset
+    from v2m_data.synth import make_world
+
+    world = tmp_path / "world"
+    model = make_small_model(0)
+    make_world(world, 3, 0, model, images_per_identity=2, videos_per_identity=1, utterances_per_video=1,
+               duration=(1.0, 1.0), image_size=96, progress=False)
+    bfm = tmp_path / "model.npz"
+    model.save(bfm)
+    src_images = world / "vggface" / "images"
+    server.default = lambda path: ("bytes", (src_images / path[len("/vggface/"):]).read_bytes()) if path.startswith("/vggface/") else None
+    ann = tmp_path / "annotations"
+    ann.mkdir()
+    for f in sorted((world / "vggface" / "files").glob("*.txt")):
+        (ann / f.name).write_text(f.read_text().replace("http://example.invalid", server.url))
+    fetched = tmp_path / "VGGFace"
+    res = fetch_vggface(cfg(ann, fetched, identities_from="vox1_meta", vox_meta=str(world / "vox1_meta.csv")))
+    assert res.totals["ok"] == 6 and res.totals["failed"] == 0
+    originals = {p.relative_to(src_images).as_posix(): p.read_bytes() for p in src_images.rglob("*.jpg")}
+    assert tree(fetched) == originals
+    for p in src_images.rglob("*.pts"):  # landmarks computed elsewhere (--detector precomputed)
+        shutil.copy(p, fetched / "images" / p.relative_to(src_images))
+
+    def run(vggface, out):
+        build(BuildConfig(voxceleb=str(world), vggface=str(vggface), out=str(out), bfm=str(bfm), detector="precomputed",
+                          identities_per_shard=2, progress=False), log=lambda s: None)
+        return open_dataset(out)
+
+    a, b = run(world / "vggface", tmp_path / "build-a"), run(fetched, tmp_path / "build-b")
+    for split in ("test", "train"):
+        sa, sb = a.split(split), b.split(split)
+        assert sa.n_images == sb.n_images > 0
+        idx = list(range(sa.n_images))
+        np.testing.assert_array_equal(sa.crops(idx, 64), sb.crops(idx, 64))
+    ma, mb = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("build-a", "build-b"))
+    assert mb["failures"] == ma["failures"]
+    assert not [f for f in mb["failures"] if f["stage"] in ("identity", "image", "landmarks")]
+    assert mb["counts"] == ma["counts"]
+
+
+def test_a_dead_host_is_given_up_after_a_few_failures_and_retried_by_a_rerun(server, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    server.routes["/1.jpg"] = ("bytes", jpeg(1))
+    ann = tmp_path / "files"
+    write_annotations(ann, {"Anna_A": [(f"{i:08d}", f"{dead}/{i}.jpg") for i in range(1, 9)] + [("00000009", f"{server.url}/1.jpg")]})
+    out = tmp_path / "out"
+    res = fetch_vggface(cfg(ann, out, workers=1, retries=0, host_failures=3))
+    reasons = [manifest_items(out)[("Anna_A", f"{i:08d}")]["reason"] for i in range(1, 10)]
+    assert reasons == ["connection"] * 3 + ["host-down"] * 5 + [None]
+    assert res.requested == 4
+    res = fetch_vggface(cfg(ann, out, workers=1, retries=0, host_failures=3))
+    assert res.requested == 3 and res.totals["by_reason"] == {"connection": 3, "host-down": 5}

@@ -100,7 +100,7 @@ PERMANENT_REASONS = (
     "existing-file",  # a file already at the path does not pass the checks (left alone)
 )
 #: Failure reasons a rerun retries.
-TRANSIENT_REASONS = ("timeout", "connection", "dns", "truncated", "rate-limited", "server-error", "error")
+TRANSIENT_REASONS = ("timeout", "connection", "dns", "host-down", "truncated", "rate-limited", "server-error", "error")
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 _TMP = re.compile(r"^\..+\.[0-9a-f]{16}\.tmp$")
@@ -137,6 +137,10 @@ class FetchConfig:
         Only the first K lines (after ``curated_only``) of each identity's file.
     max_redirects : int
         Redirects followed per request.
+    host_failures : int
+        After this many connection failures or timeouts in a row on one host (or one failed name
+        lookup), its remaining URLs are not asked in this run (reason ``host-down``, retried by a
+        rerun): a dead host costs seconds, not ``timeout x (retries + 1)`` per URL.
     min_side : int
         Smallest accepted shorter image side, in pixels.
     box_margin : float
@@ -158,14 +162,15 @@ class FetchConfig:
     out: str
     vox_meta: str | None = None
     identities_from: str = "vox1_meta"
-    workers: int = 16
+    workers: int = 32
     per_host: int = 2
-    timeout: float = 20.0
-    retries: int = 3
+    timeout: float = 15.0
+    retries: int = 2
     max_bytes: int = 20_000_000
     curated_only: bool = False
     limit_per_identity: int | None = None
     max_redirects: int = 5
+    host_failures: int = 5
     min_side: int = 32
     box_margin: float = 0.4
     placeholder_urls: int = 3
@@ -185,7 +190,7 @@ class FetchConfig:
             raise ValidationError(
                 "identities are taken from vox1_meta.csv: give --vox-meta CSV (or --identities-from all)", key="vox_meta"
             )
-        for key in ("workers", "per_host", "max_bytes", "min_side", "placeholder_urls"):
+        for key in ("workers", "per_host", "max_bytes", "min_side", "placeholder_urls", "host_failures"):
             v = getattr(self, key)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, key, f"must be an integer >= 1, got {v!r}")
         for key in ("retries", "max_redirects"):
@@ -379,6 +384,7 @@ class _Fetcher:
         self._local = threading.local()
         self._hosts: dict = {}
         self._hosts_lock = threading.Lock()
+        self._host_failures: Counter = Counter()
 
     def _session(self):
         s = getattr(self._local, "session", None)
@@ -405,6 +411,21 @@ class _Fetcher:
                 sem = self._hosts[host] = threading.BoundedSemaphore(self.config.per_host)
             return sem
 
+    def _failed(self, host: str, reason: str) -> None:
+        with self._hosts_lock:
+            if reason == "dns":
+                self._host_failures[host] = max(self._host_failures[host], self.config.host_failures)
+            else:
+                self._host_failures[host] += 1
+
+    def _answered(self, host: str) -> None:
+        with self._hosts_lock:
+            self._host_failures.pop(host, None)
+
+    def _down(self, host: str) -> bool:
+        with self._hosts_lock:
+            return self._host_failures.get(host, 0) >= self.config.host_failures
+
     def get(self, url: str) -> tuple:
         """Fetch ``url`` with retries; return ``(body, received)`` or raise :class:`_Fail`."""
         cfg = self.config
@@ -416,7 +437,7 @@ class _Fetcher:
             except _Fail as f:
                 received += f.received
                 f.received = received
-                if not f.transient or f.reason == "dns" or attempt == cfg.retries:
+                if not f.transient or f.reason in ("dns", "host-down") or attempt == cfg.retries:
                     raise
                 wait = f.retry_after if f.retry_after is not None else cfg.backoff * 2**attempt
                 if wait > cfg.max_wait:
@@ -438,19 +459,27 @@ class _Fetcher:
                 raise _Fail("bad-url", "not an http(s) URL")
             host = f"{parts.scheme.lower()}://{parts.netloc.lower()}"
             with self._slot(host):
+                if self._down(host):
+                    raise _Fail("host-down", f"not asked: {cfg.host_failures} failures in a row on this host")
                 start = time.monotonic()
                 try:
-                    r = session.get(url, stream=True, timeout=(cfg.timeout, cfg.timeout), allow_redirects=False)
-                except requests.Timeout:
-                    raise _Fail("timeout", f"no answer within {cfg.timeout:g} s") from None
-                except requests.exceptions.InvalidURL:
-                    raise _Fail("bad-url", "malformed URL") from None
-                except requests.ConnectionError as e:
-                    if _caused_by(e, NameResolutionError):
-                        raise _Fail("dns", "host name does not resolve") from None
-                    raise _Fail("connection", f"cannot connect ({_short_exc(e)})") from None
-                except requests.RequestException as e:
-                    raise _Fail("connection", f"request failed ({type(e).__name__})") from None
+                    try:
+                        r = session.get(url, stream=True, timeout=(cfg.timeout, cfg.timeout), allow_redirects=False)
+                    except requests.Timeout:
+                        raise _Fail("timeout", f"no answer within {cfg.timeout:g} s") from None
+                    except requests.exceptions.InvalidURL:
+                        raise _Fail("bad-url", "malformed URL") from None
+                    except requests.ConnectionError as e:
+                        if _caused_by(e, NameResolutionError):
+                            raise _Fail("dns", "host name does not resolve") from None
+                        raise _Fail("connection", f"cannot connect ({_short_exc(e)})") from None
+                    except requests.RequestException as e:
+                        raise _Fail("connection", f"request failed ({type(e).__name__})") from None
+                except _Fail as f:
+                    if f.reason in ("timeout", "connection", "dns"):
+                        self._failed(host, f.reason)
+                    raise
+                self._answered(host)
                 with r:
                     status = r.status_code
                     if status in _REDIRECTS and "location" in r.headers:
@@ -913,7 +942,7 @@ def _fetch_one(it: _Item, state: _State, fetcher: _Fetcher, images: Path) -> _Ou
     try:
         body, received = fetcher.get(it.url)
     except _Fail as f:
-        return _Outcome("failed", f.reason, f.detail, received=f.received)
+        return _Outcome("failed", f.reason, f.detail, received=f.received, requested=f.reason != "host-down")
     reason, detail = validate_image_bytes(body, it.box, min_side=cfg.min_side, box_margin=cfg.box_margin, source=it.url)
     if reason is not None:
         return _Outcome("failed", reason, detail, received=received)
