@@ -559,3 +559,17 @@ def test_a_dead_host_is_given_up_after_a_few_failures_and_retried_by_a_rerun(ser
     assert res.requested == 4
     res = fetch_vggface(cfg(ann, out, workers=1, retries=0, host_failures=3))
     assert res.requested == 3 and res.totals["by_reason"] == {"connection": 3, "host-down": 5}
+
+
+def test_command_line_prints_the_summary_and_a_progress_bar(server, tmp_path):
+    server.routes["/1.jpg"] = ("bytes", jpeg(1))
+    server.routes["/2.jpg"] = ("status", 404)
+    ann = tmp_path / "files"
+    write_annotations(ann, {"Anna_A": [("00000001", f"{server.url}/1.jpg"), ("00000002", f"{server.url}/2.jpg")]})
+    out = tmp_path / "out"
+    res = CliRunner().invoke(build_main, ["fetch-vggface", "--annotations", str(ann), "--out", str(out),
+                                          "--identities-from", "all", "--progress"])
+    assert res.exit_code == 0, res.output
+    assert "1 of 2 URLs ok" in res.stdout and "failures: not-found 1" in res.stdout
+    assert "2/2" in res.stderr and "1 failed" in res.stderr  # the bar: URLs done, failures
+    assert tree(out) == {"Anna_A/00000001.jpg": jpeg(1)}
