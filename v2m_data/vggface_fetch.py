@@ -661,7 +661,7 @@ def _annotation_names(folder: Path) -> list:
     return sorted(p.stem for p in folder.iterdir() if p.suffix == ".txt" and not p.name.startswith(".") and p.is_file())
 
 
-def _select(config: FetchConfig, ann: Path, log) -> tuple:
+def _select(config: FetchConfig, ann: Path) -> tuple:
     names = _annotation_names(ann)
     if not names:
         raise ValidationError("no <Name>.txt annotation files in the folder", path=str(ann))
@@ -783,7 +783,7 @@ def fetch_vggface(config: FetchConfig, *, log: Callable[[str], None] | None = No
     out = refuse_link(Path(config.out))
     if out.exists() and not out.is_dir():
         raise ValidationError("exists and is not a folder", path=str(out))
-    names, selection = _select(config, ann, log)
+    names, selection = _select(config, ann)
     images = out / "images"
     with BuildLock(out):
         refuse_link(images)
