@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from v2m_bench.errors import ValidationError
-from v2m_data.pipeline import BuildLock, BuildLockedError
+from v2m_data.pipeline import BuildLockedError
 from v2m_data.vggface_fetch import FetchConfig, fetch_vggface, validate_image_bytes
 from v2m_cli.build import main as build_main
 
