@@ -5,6 +5,7 @@
     v2m-build-dataset --voxceleb DIR --vggface DIR --out DIR [options]     # build (resumes)
     v2m-build-dataset merge --out OUT                                       # finish a shard array
     v2m-build-dataset synth --out OUT --identities N                        # a synthetic world
+    v2m-build-dataset fetch-vggface --annotations DIR --out DIR [options]   # download VGGFace
 
 Exit status: 0 when the build finished (per-item failures are recorded in OUT/manifest.json, not
 fatal); 2 with a one-line ``error: ...`` for fatal input errors (missing folders, unreadable
@@ -158,6 +159,43 @@ def synth(out, n_identities, seed, bfm, images_per_identity, videos_per_identity
     }
     summary = make_world(out, n_identities, seed, load_bfm(bfm), overwrite=overwrite, progress=progress_enabled(progress), **opts)
     click.echo(str(summary))
+
+
+@main.command(name="fetch-vggface")
+@click.option("--annotations", metavar="DIR", required=True, help="Folder of VGGFace <Name>.txt annotation files.")
+@click.option("--out", metavar="DIR", required=True, help="Output folder: images/<Name>/<id>.jpg, files/, fetch-manifest.json (resumed).")
+@click.option("--vox-meta", metavar="CSV", help="vox1_meta.csv naming the identities to fetch (needed with --identities-from vox1_meta).")
+@click.option("--identities-from", type=click.Choice(["vox1_meta", "all"]), default="vox1_meta", show_default=True,
+              help="Fetch the identities of vox1_meta.csv, or of every annotation file.")
+@click.option("--workers", type=click.IntRange(min=1), default=32, show_default=True, help="Requests in flight at once.")
+@click.option("--per-host", type=click.IntRange(min=1), default=2, show_default=True, help="Requests in flight at once to one host.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=15.0, show_default=True,
+              help="Seconds per request (connect, each read, whole body).")
+@click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Retries of a timeout, connection error, 429 or 5xx (with backoff; Retry-After honoured).")
+@click.option("--max-bytes", type=click.IntRange(min=1), default=20_000_000, show_default=True, help="Largest image accepted, bytes.")
+@click.option("--curated-only", is_flag=True, help="Only the lines of the curated set (curation field 1).")
+@click.option("--limit-per-identity", type=click.IntRange(min=1), help="Only the first K lines of each identity.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
+@user_errors
+def fetch_vggface(annotations, out, vox_meta, identities_from, workers, per_host, timeout, retries, max_bytes,
+                  curated_only, limit_per_identity, progress):
+    """Download the VGGFace images named by the annotation files into OUT (the layout --vggface reads).
+
+    \b
+    Every response is checked (an image, big enough, the face box inside, not a placeholder
+    served for many URLs) before it is kept; every URL gets a line in OUT/fetch-manifest.json.
+    A rerun asks only for what is not settled (transient failures are retried).
+    """
+    from v2m_data.vggface_fetch import FetchConfig, fetch_vggface as do_fetch
+
+    config = FetchConfig(
+        annotations=annotations, out=out, vox_meta=vox_meta, identities_from=identities_from, workers=workers,
+        per_host=per_host, timeout=timeout, retries=retries, max_bytes=max_bytes, curated_only=curated_only,
+        limit_per_identity=limit_per_identity, progress=progress_enabled(progress),
+    )
+    result = do_fetch(config, log=lambda s: click.echo(s, err=True))
+    click.echo(result.summary())
 
 
 if __name__ == "__main__":  # pragma: no cover
