@@ -15,10 +15,11 @@ Model (the paper, §1 of docs FACTS; Wen et al. 2019 for the GAN)
   :class:`~v2m_models.teacher.FaceRegressor` from scratch, fed the generated face bilinearly
   upsampled to 120x120, distilled from the frozen image -> 3DMM ``teacher``
   (:func:`v2m_models.teacher.load_teacher`) run on the same image:
-  ``param_weight * MSE(normalised 62 params) + mesh_weight * mesh MSE + KD loss`` (+ the triplet
-  below). With ``mesh_space="neutral"`` the mesh MSE is the mean squared vertex distance (mm^2) between the student's and the teacher's neutral-pose
-  meshes, computed exactly from the coefficient difference ``d`` as ``d^T G d`` with
-  ``G = W^T W / n_vertices`` for the morphable model's basis ``W`` (no vertices are formed).
+  ``param_weight * MSE(normalised 62 params) + mesh_weight * mesh MSE + KD loss`` (+ the
+  triplet below). With ``mesh_space="neutral"`` the mesh MSE is the mean squared vertex
+  distance (mm^2) between the student's and the teacher's neutral-pose meshes, computed exactly
+  from the coefficient difference ``d`` as ``d^T G d`` with ``G = W^T W / n_vertices`` for the
+  morphable model's basis ``W`` (no vertices are formed).
   The KD loss is one of :data:`v2m_models.kd.KD_NAMES` with the reference defaults, except
   ``pkt``, which follows the Cross-Modal-Perceptionist recipe (weight 10,000 on the pooled
   features and on the early 8x8 map). The teacher's outputs are targets (no gradient through it).
