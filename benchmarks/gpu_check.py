@@ -113,6 +113,27 @@ def _device(dry: bool):
     return torch.device("cuda")
 
 
+def _part(out: dict, key: str, fn) -> None:
+    """``out[key] = fn()``; a failure of this part is recorded as ``out[key + "_error"]`` and the step goes on."""
+    try:
+        out[key] = fn()
+    except StepTimeout:
+        raise
+    except Exception as e:  # noqa: BLE001 - recorded
+        out[f"{key}_error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:1000]}"
+
+
+def _part_errors(d: dict, where: str = "") -> list:
+    """The ``<part>_error`` entries of a step's record (nested), as ``"where.part: message"``."""
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _part_errors(v, f"{where}{k}.")
+        elif k.endswith("_error"):
+            out.append(f"{where}{k[:-6]}: {v}")
+    return out
+
+
 def _find_bfm(bfm):
     from v2m_bench import load_bfm
     from v2m_bench.errors import V2MError
@@ -170,14 +191,18 @@ def step_supervised_throughput(ctx) -> dict:
                                "minutes_for_50k": 50_000 / r["iterations_per_s"] / 60.0}
     mean = out["step"][str(frames[1])]
     out["step_minutes_for_50k"] = mean["minutes_for_50k"]
-    ds, _ = _fake(ctx.dry)
     loader = "cpu" if ctx.dry else "gpu"
-    cfg = trainer_config("supervised", a, dev, batch=batch, iterations=3 if ctx.dry else 150, loader=loader)
-    cfg = dataclasses.replace(cfg, seed=0)
-    r = bench_fit(cfg, ds)
-    out["fit"] = {"loader": loader, "crops": [a.min_frames, a.max_frames], "iterations_per_s": r["steady_iterations_per_s"],
-                  "samples_per_s": r["samples_per_s"], "minutes_for_50k": r["minutes_for_50k"]}
-    out["fit_minutes_for_50k"] = r["minutes_for_50k"]
+
+    def whole_loop():
+        ds, _ = _fake(ctx.dry)
+        cfg = trainer_config("supervised", a, dev, batch=batch, iterations=3 if ctx.dry else 150, loader=loader)
+        r = bench_fit(dataclasses.replace(cfg, seed=0), ds)
+        return {"loader": loader, "crops": [a.min_frames, a.max_frames], "iterations_per_s": r["steady_iterations_per_s"],
+                "samples_per_s": r["samples_per_s"], "minutes_for_50k": r["minutes_for_50k"]}
+
+    _part(out, "fit", whole_loop)
+    if "fit" in out:
+        out["fit_minutes_for_50k"] = out["fit"]["minutes_for_50k"]
     return out
 
 
@@ -204,11 +229,15 @@ def step_unsupervised_step_rate(ctx) -> dict:
                 over["mesh_weight"] = 0.0
             cfg = trainer_config("unsupervised", a, dev, batch=over.pop("batch_size"), iterations=n_iter + 2, workers=0,
                                  ckpts=parts, **over)
-            r = bench_task_step(make_task(cfg, ds), n_iter, warmup)
-            out["recipes"][name] = {"batch_size": int(cfg.batch_size), "iterations_per_s": r["iterations_per_s"],
-                                    "samples_per_s": r["samples_per_s"],
-                                    "minutes_for_50k": 50_000 / r["iterations_per_s"] / 60.0,
-                                    "mesh_loss": bool(cfg.mesh_weight > 0), "triplet": bool(cfg.triplet_weight > 0)}
+
+            def rate(cfg=cfg):
+                r = bench_task_step(make_task(cfg, ds), n_iter, warmup)
+                return {"batch_size": int(cfg.batch_size), "iterations_per_s": r["iterations_per_s"],
+                        "samples_per_s": r["samples_per_s"], "minutes_for_50k": 50_000 / r["iterations_per_s"] / 60.0,
+                        "mesh_loss": bool(cfg.mesh_weight > 0), "triplet": bool(cfg.triplet_weight > 0)}
+
+            _part(out["recipes"], name, rate)
+            _free_cuda()
     return out
 
 
@@ -247,21 +276,29 @@ def step_score_cuda(ctx) -> dict:
         out["device"] = device or "cpu"
         out["ER"] = float(rep.metrics["ER"].value) if "ER" in rep.metrics else None
         exe = Path(sys.executable).with_name("v2m-bench")
-        cmd = [str(exe), "score", str(preds), "--references", str(refs), "--bootstrap", str(boot), "--no-progress"]
+        cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "v2m_cli.bench"]
+        cmd += ["score", str(preds), "--references", str(refs), "--bootstrap", str(boot), "--no-progress"]
         cmd += ["--device", device] if device else []
-        env = dict(os.environ)
         if ctx.bfm:
             cmd += ["--bfm", str(ctx.bfm)]
-        t = time.perf_counter()
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=max(5.0, ctx.time_left()), env=env)
-        out["cli_s"] = time.perf_counter() - t
-        out["cli_command"] = "v2m-bench " + " ".join(cmd[1:])
-        if res.returncode != 0:
-            out["cli_error"] = (res.stdout + res.stderr)[-1000:]
-        if not ctx.dry:  # the CPU engine on this machine's cores, for comparison
+        out["cli_command"] = "v2m-bench " + " ".join(cmd[cmd.index("score"):])
+
+        def cli():
             t = time.perf_counter()
-            score(preds, refs, model, config=ScoreConfig(bootstrap=boot, progress=False))
-            out["cpu_s"] = time.perf_counter() - t
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=max(5.0, ctx.time_left()))
+            if res.returncode != 0:
+                raise RuntimeError(f"exit {res.returncode}: {(res.stdout + res.stderr)[-1000:]}")
+            return time.perf_counter() - t
+
+        _part(out, "cli_s", cli)
+        if not ctx.dry:  # the CPU engine on this machine's cores, for comparison
+
+            def cpu():
+                t = time.perf_counter()
+                score(preds, refs, model, config=ScoreConfig(bootstrap=boot, progress=False))
+                return time.perf_counter() - t
+
+            _part(out, "cpu_s", cpu)
     return out
 
 
@@ -281,27 +318,42 @@ def step_fan_throughput(ctx) -> dict:
         torch.backends.cudnn.benchmark = True
     out = {"device": str(dev), "batch": batch, "input": size, "fan_modules": fan.num_modules, "dtypes": {}}
     for dtype in ([torch.float32] if ctx.dry else [torch.float32, torch.float16]):
-        f, d = fan.to(dtype), depth.to(dtype)
-        x = torch.randn(batch, 3, size, size, device=dev, dtype=dtype)
-        xd = torch.randn(batch, 71, dsize, dsize, device=dev, dtype=dtype)
-        with torch.inference_mode():
-            for _ in range(0 if ctx.dry else 3):
-                f(x), d(xd)
-            _sync(torch, dev)
-            t = time.perf_counter()
-            for _ in range(n):
-                heat = f(x)[-1]
-            _sync(torch, dev)
-            t_fan = (time.perf_counter() - t) / n
-            t = time.perf_counter()
-            for _ in range(n):
-                d(xd)
-            _sync(torch, dev)
-            t_depth = (time.perf_counter() - t) / n
-        out["dtypes"][str(dtype).replace("torch.", "")] = {
-            "fan_images_per_s": batch / t_fan, "depth_images_per_s": batch / t_depth,
-            "fan_and_depth_images_per_s": batch / (t_fan + t_depth), "heatmaps": list(heat.shape)}
+        name = str(dtype).replace("torch.", "")
+        _part(out["dtypes"], name, lambda dtype=dtype: _fan_rates(torch, fan, depth, dtype, dev, batch, size, dsize, n, ctx.dry))
     return out
+
+
+def _fan_rates(torch, fan, depth, dtype, dev, batch: int, size: int, dsize: int, n: int, dry: bool) -> dict:
+    """Images/s of the FAN and of the depth net in ``dtype`` (inference, ``n`` timed batches)."""
+    f, d = fan.to(dtype), depth.to(dtype)
+    x = torch.randn(batch, 3, size, size, device=dev, dtype=dtype)
+    xd = torch.randn(batch, 71, dsize, dsize, device=dev, dtype=dtype)  # the image and 68 heatmaps, as the API
+    with torch.inference_mode():
+        for _ in range(0 if dry else 3):
+            f(x), d(xd)
+        _sync(torch, dev)
+        t = time.perf_counter()
+        for _ in range(n):
+            heat = f(x)[-1]
+        _sync(torch, dev)
+        t_fan = (time.perf_counter() - t) / n
+        t = time.perf_counter()
+        for _ in range(n):
+            d(xd)
+        _sync(torch, dev)
+        t_depth = (time.perf_counter() - t) / n
+    return {"fan_images_per_s": batch / t_fan, "depth_images_per_s": batch / t_depth,
+            "fan_and_depth_images_per_s": batch / (t_fan + t_depth), "heatmaps": list(heat.shape)}
+
+
+def _free_cuda() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _free_port() -> int:
@@ -394,6 +446,9 @@ def run_step(name: str, fn, ctx_args: dict, limit: float, grace: float = 5.0) ->
     signal.setitimer(signal.ITIMER_REAL, limit + grace)
     try:
         rec.update(fn(ctx))
+        parts = _part_errors(rec)
+        if parts and "error" not in rec:
+            rec["error"] = "; ".join(parts)
         rec["status"] = "error" if "error" in rec else "ok"
     except StepSkipped as e:
         rec.update(status="skipped", reason=str(e))
@@ -407,6 +462,7 @@ def run_step(name: str, fn, ctx_args: dict, limit: float, grace: float = 5.0) ->
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+        _free_cuda()
     rec["seconds"] = time.perf_counter() - t
     rec["cpu_seconds"] = time.process_time() - c  # this process's CPU time (not the subprocesses')
     return rec

@@ -83,3 +83,15 @@ def test_a_failing_or_overlong_step_is_recorded(gpu_check):
 
     r = gpu_check.run_step("x", slow, {"dry": True, "bfm": None}, 0.2, grace=0.0)
     assert r["status"] == "timeout" and r["seconds"] < 5
+
+
+def test_a_failing_part_fails_its_step_but_keeps_the_other_figures(gpu_check):
+    def half(ctx):
+        out = {"a": 1.0}
+        gpu_check._part(out, "b", lambda: 1 / 0)
+        gpu_check._part(out, "c", lambda: 2.0)
+        return out
+
+    r = gpu_check.run_step("x", half, {"dry": True, "bfm": None}, 5.0)
+    assert r["status"] == "error" and r["a"] == 1.0 and r["c"] == 2.0 and "b" not in r
+    assert r["error"].startswith("b: ZeroDivisionError")
