@@ -23,7 +23,7 @@ per sample: no measurable cost) and says so.
 Networks are the paper's by default (voice encoder :data:`~v2m_models.nets.VOICE_CHANNELS`,
 MobileNetV2 width 1.0 with a 1280-channel last conv for the teacher and the student, Wen et al.'s
 generator and critic); the options above make them smaller. The batch is each trainer's default
-(128; 64 for ``unsupervised``) unless ``--batch-size`` sets one for all. Reported, per setting:
+(128; the unsupervised trainer's paper recipe too) unless ``--batch-size`` sets one for all. Reported, per setting:
 
 - ``loader``: batches/s and samples/s of the batch source alone, including the host-to-device
   copy. For voice-encoder/supervised: the CPU DataLoader with its workers and pinned memory, or
@@ -392,7 +392,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=None,
-                    help="Batch of every trainer (default: each trainer's own, 128; 64 for unsupervised).")
+                    help="Batch of every trainer (default: each trainer's own, 128).")
     ap.add_argument("--iterations", type=int, default=30, help="Timed iterations per fit/step measurement.")
     ap.add_argument("--loader-batches", type=int, default=30)
     ap.add_argument("--channels", default=",".join(map(str, VOICE_CHANNELS)),

@@ -7,6 +7,7 @@ teacher and the unsupervised (GAN + distilled student) model.
     v2m-train supervised --data BUILD --out supervised.pt [--encoder encoder.pt] [--freeze-encoder]
     v2m-train teacher --data BUILD --out teacher.pt
     v2m-train unsupervised --data BUILD --encoder encoder.pt --teacher teacher.pt --out unsup.pt --kd pkt
+    v2m-train unsupervised ... --recipe official        # the released code's recipe (docs/training.md)
     torchrun --nproc-per-node 4 -m v2m_cli.train supervised ...          # multi-GPU (DDP)
 
 Every trainer takes --iterations, --batch-size, --lr, --device, --seed and --resume; CUDA (with
@@ -247,9 +248,23 @@ def teacher(ctx, **params):
 @click.option("--kd", type=click.Choice(["pkt", "kd", "at", "sp", "cc", "rkd", "crd", "vid", "none"]), default="pkt",
               show_default=True, help="Feature distillation loss; none: train the GAN alone (for the cascade baseline).")
 @click.option("--kd-weight", type=float, default=None, help="Override the distillation loss's default weight.")
-@click.option("--param-weight", type=float, default=1.0, show_default=True, help="Weight of the normalised-parameter L2.")
+@click.option("--recipe", type=click.Choice(["paper", "official"]), default="paper", show_default=True,
+              help="Preset of --batch-size, --param-weight, --mesh-weight, --mesh-space, --triplet-weight, "
+                   "--triplet-margin and --joint/--detach-generator (an option given explicitly wins). paper: "
+                   "128, 1, 0.5, neutral, 0, 1, detach; official (the released code): 64, 0, 0.5, posed, 1.5, 1, joint.")
+@click.option("--param-weight", type=float, default=1.0, show_default=True,
+              help="Weight of the normalised-parameter L2 (official recipe: 0).")
 @click.option("--mesh-weight", type=float, default=0.5, show_default=True,
-              help="Weight of the mesh L2 (mm^2; needs the morphable model; 0: off).")
+              help="Weight of the mesh L2 (needs the morphable model; 0: off).")
+@click.option("--mesh-space", type=click.Choice(["neutral", "posed"]), default="neutral", show_default=True,
+              help="Mesh loss and triplet distance on neutral meshes (mm) or on posed dense vertices (input pixels; "
+                   "official recipe).")
+@click.option("--triplet-weight", type=float, default=0.0, show_default=True,
+              help="Weight of the triplet margin loss on the student's meshes (anchor voice, another utterance of the "
+                   "same identity, an utterance of another identity; official recipe: 1.5; 0: off).")
+@click.option("--triplet-margin", type=float, default=1.0, show_default=True, help="Margin of the triplet loss.")
+@click.option("--joint-generator/--detach-generator", default=False, show_default=True,
+              help="The student's loss also trains the generator (official recipe), or only the GAN terms do (paper).")
 @click.option("--student-width", type=float, default=1.0, show_default=True, help="Student MobileNetV2 width multiplier.")
 @click.option("--student-last-channels", type=click.IntRange(min=1), default=None, help="Student's last conv width (1280).")
 @click.option("--generator-channels", callback=_widths(5), default=None, metavar="C0,..,C4",
@@ -265,12 +280,19 @@ def unsupervised(ctx, **params):
     """Train the unsupervised model: GAN (frozen pretrained voice encoder -> 64x64 face generator,
     discriminator, identity classifier) and a MobileNetV2 student on the generated faces
     (upsampled to 120x120) distilled from the teacher: parameter and mesh L2 + the --kd loss.
-    Defaults: Adam 2e-4, betas 0.5/0.999, batch 64."""
+    Defaults: Adam 2e-4, betas 0.5/0.999; --recipe paper (batch 128) or official (batch 64, posed
+    meshes, triplet, joint generator)."""
     from v2m_models.unsupervised import train_unsupervised
+
+    from v2m_models.unsupervised import RECIPES
 
     for k in ("generator_channels", "trunk_channels"):
         if params.get(k) is None:
             params.pop(k)
+    for k, v in RECIPES[params["recipe"]].items():  # the preset fills the options left at their defaults
+        src = ctx.get_parameter_source(k)
+        if src is not None and src.name == "DEFAULT":
+            params[k] = v
     cfg, out, resume = _config(ctx, UnsupervisedConfig, params, _log)
     _report(train_unsupervised(cfg, out, resume=resume, log=_log), _log)
 

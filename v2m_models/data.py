@@ -68,6 +68,7 @@ __all__ = [
     "FaceBank",
     "BatchPlanner",
     "BatchPlan",
+    "triplet_items",
     "VoiceBatches",
     "DeviceVoiceBatches",
     "TrainingSet",
@@ -411,12 +412,21 @@ class BatchPlan:
         Crop starts.
     face_items : (b,) int64 or None
         Face-bank items (an image of each sample's identity), when faces are sampled.
+    positive_items, negative_items : (b,) int64 or None
+        With triplets: for each sample, another utterance of its identity (the sample's own
+        utterance when its identity has only one) and an utterance of another identity.
+    positive_starts, negative_starts : (b,) int64 or None
+        Their crop starts (crops of the same ``length``).
     """
 
     items: np.ndarray
     length: int
     starts: np.ndarray
     face_items: np.ndarray | None = None
+    positive_items: np.ndarray | None = None
+    negative_items: np.ndarray | None = None
+    positive_starts: np.ndarray | None = None
+    negative_starts: np.ndarray | None = None
 
 
 class BatchPlanner:
@@ -438,10 +448,15 @@ class BatchPlanner:
         Identity of each bank item (needed by ``sampling="identity"`` and by faces).
     face_groups : (M,) int, optional
         Identity of each face-bank item: each sample also gets a random face of its identity.
+    triplets : bool
+        Each sample also gets a positive (another utterance of its identity, uniformly; its own
+        utterance, another crop, when the identity has only one) and a negative (a uniform other
+        identity, then a uniform utterance of it), drawn from ``(seed, iteration)`` like the rest
+        of the plan (:func:`triplet_items`). Needs ``groups`` with at least two identities.
     """
 
     def __init__(self, n_frames, batch_size: int, crop: CropConfig, seed: int, *, rank: int = 0, world_size: int = 1,
-                 sampling: str = "utterance", groups=None, face_groups=None):
+                 sampling: str = "utterance", groups=None, face_groups=None, triplets: bool = False):
         self.n_frames = np.asarray(n_frames, np.int64)
         if len(self.n_frames) == 0:
             raise ValidationError("no utterances to sample from", key="utterances")
@@ -457,12 +472,15 @@ class BatchPlanner:
         self.world_size = int(world_size)
         self.sampling = sampling
         self.groups = None if groups is None else np.asarray(groups, np.int64)
-        if (sampling == "identity" or face_groups is not None) and self.groups is None:
-            raise ValidationError("identity sampling and faces need the items' groups", key="groups")
+        self.triplets = bool(triplets)
+        if (sampling == "identity" or face_groups is not None or self.triplets) and self.groups is None:
+            raise ValidationError("identity sampling, faces and triplets need the items' groups", key="groups")
         if self.groups is not None:
             order = np.argsort(self.groups, kind="stable")
             self._group_ids, starts = np.unique(self.groups[order], return_index=True)
             self._group_items = np.split(order, starts[1:])
+            if self.triplets and len(self._group_ids) < 2:
+                raise ValidationError("triplets need at least two training identities", key="groups")
         self._faces = None
         if face_groups is not None:
             fg = np.asarray(face_groups, np.int64)
@@ -513,7 +531,65 @@ class BatchPlanner:
         if self._faces is not None:
             v = rng.random(self.batch_size)[self.rank * self.local:(self.rank + 1) * self.local]
             faces = np.array([self._faces[int(g)][int(x * len(self._faces[int(g)]))] for g, x in zip(self.groups[items], v)], np.int64)
-        return BatchPlan(items=items, length=length, starts=starts, face_items=faces)
+        trip = {}
+        if self.triplets:
+            u3 = np.random.default_rng([self.seed, 0x7219, iteration]).random((5, self.batch_size))
+            u3 = u3[:, self.rank * self.local:(self.rank + 1) * self.local]
+            pos, neg = triplet_items(items, self.groups, u3[0], u3[1], u3[2], group_items=(self._group_ids, self._group_items))
+            trip = {"positive_items": pos, "negative_items": neg}
+            for k, it, w in (("positive_starts", pos, u3[3]), ("negative_starts", neg, u3[4])):
+                n = self.n_frames[it]
+                hi = np.where(n >= length, n - length + 1, n)
+                trip[k] = np.minimum((w * hi).astype(np.int64), hi - 1)
+        return BatchPlan(items=items, length=length, starts=starts, face_items=faces, **trip)
+
+
+def triplet_items(items, groups, u_pos, u_neg_group, u_neg_item, group_items=None):
+    """Positives and negatives of anchor bank items, from uniform draws (a pure function).
+
+    Parameters
+    ----------
+    items : (b,) int
+        Anchor bank items.
+    groups : (K,) int
+        Identity of each bank item.
+    u_pos, u_neg_group, u_neg_item : (b,) float in [0, 1)
+        Uniform draws: the positive among the anchor identity's other utterances; the negative
+        identity among the other identities; the negative utterance among that identity's.
+    group_items : tuple, optional
+        ``(identities, items of each)`` as sorted by ``np.unique`` (computed when not given).
+
+    Returns
+    -------
+    positive : (b,) int64
+        Another item of the anchor's identity (the anchor itself when its identity has one item).
+    negative : (b,) int64
+        An item of another identity.
+    """
+    items = np.asarray(items, np.int64)
+    groups = np.asarray(groups, np.int64)
+    if group_items is None:
+        order = np.argsort(groups, kind="stable")
+        ids, st = np.unique(groups[order], return_index=True)
+        group_items = (ids, np.split(order, st[1:]))
+    ids, per = group_items
+    if len(ids) < 2:
+        raise ValidationError("triplets need at least two identities", key="groups")
+    gpos = np.searchsorted(ids, groups[items])
+    pos = np.empty(len(items), np.int64)
+    neg = np.empty(len(items), np.int64)
+    for j, (a, g) in enumerate(zip(items, gpos)):
+        mine = per[int(g)]
+        if len(mine) == 1:
+            pos[j] = a
+        else:
+            others = mine[mine != a]
+            pos[j] = others[min(int(u_pos[j] * len(others)), len(others) - 1)]
+        k = min(int(u_neg_group[j] * (len(ids) - 1)), len(ids) - 2)
+        k += k >= g
+        theirs = per[int(k)]
+        neg[j] = theirs[min(int(u_neg_item[j] * len(theirs)), len(theirs) - 1)]
+    return pos, neg
 
 
 # ------------------------------------------------------------------------------------- batches
@@ -537,7 +613,9 @@ class VoiceBatches:
     dict of torch tensors
         ``features`` (b, 64, L) float32; ``item`` (b,) int64 bank items; ``utterance`` (b,) int64
         split utterance numbers; ``label`` (b,) int64; ``target`` (b, 50) float32; ``face``
-        (b, 3, S, S) float32 in [-1, 1] and ``face_item`` (b,) int64 (the last four when given).
+        (b, 3, S, S) float32 in [-1, 1] and ``face_item`` (b,) int64 (the last four when given);
+        with a planner made with ``triplets``: ``positive`` and ``negative`` (b, 64, L) float32
+        crops and ``positive_item``, ``negative_item`` (b,) int64.
     """
 
     def __init__(self, bank: FeatureBank, planner: BatchPlanner, *, labels=None, targets=None, faces: FaceBank | None = None):
@@ -565,6 +643,11 @@ class VoiceBatches:
         if self.faces is not None and p.face_items is not None:
             out["face"] = self.faces.batch(p.face_items)
             out["face_item"] = p.face_items
+        if p.positive_items is not None:
+            out["positive"] = self.bank.crops(p.positive_items, p.positive_starts, p.length)
+            out["negative"] = self.bank.crops(p.negative_items, p.negative_starts, p.length)
+            out["positive_item"] = p.positive_items
+            out["negative_item"] = p.negative_items
         return out
 
     def __getitem__(self, iteration: int) -> dict:
@@ -627,6 +710,13 @@ class DeviceVoiceBatches:
             fi = torch.as_tensor(p.face_items).to(self.device, non_blocking=True)
             out["face"] = self.faces[fi].permute(0, 3, 1, 2).float() / 127.5 - 1.0
             out["face_item"] = fi
+        if p.positive_items is not None:
+            for k in ("positive", "negative"):
+                ti = torch.as_tensor(getattr(p, f"{k}_items")).to(self.device, non_blocking=True)
+                ts = torch.as_tensor(getattr(p, f"{k}_starts")).to(self.device, non_blocking=True)
+                xk = self.frames[crop_rows(self.offset[ti], self.n_frames[ti], ts, p.length)].transpose(1, 2)
+                out[k] = (xk if self.keep_dtype else xk.float()).contiguous()
+                out[f"{k}_item"] = ti
         return out
 
     def iterate(self, start: int, stop: int) -> Iterator[dict]:

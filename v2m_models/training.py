@@ -364,19 +364,25 @@ class Run:
         ----------
         loss : 0-d tensor
         name : str
-            Which scaler (one per optimiser).
-        optimizer : torch.optim.Optimizer
+            Which scaler (one per optimiser, or per group of optimisers stepped together).
+        optimizer : torch.optim.Optimizer or sequence of them
+            Several optimisers share the one backward pass and the scaler ``name`` (e.g. a
+            generator trained jointly with the network fed its images).
         parameters : iterable of tensors, optional
-            What to clip (default: the optimiser's parameters) when ``config.grad_clip > 0``.
+            What to clip (default: the optimisers' parameters) when ``config.grad_clip > 0``.
         """
         scaler = self.scaler(name)
-        optimizer.zero_grad(set_to_none=True)
+        opts = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+        for o in opts:
+            o.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if self.config.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            params = parameters if parameters is not None else [p for g in optimizer.param_groups for p in g["params"]]
+            for o in opts:
+                scaler.unscale_(o)
+            params = parameters if parameters is not None else [p for o in opts for g in o.param_groups for p in g["params"]]
             self._torch.nn.utils.clip_grad_norm_(params, float(self.config.grad_clip))
-        scaler.step(optimizer)
+        for o in opts:
+            scaler.step(o)
         scaler.update()
 
     def barrier(self) -> None:

@@ -15,19 +15,39 @@ Model (the paper, §1 of docs FACTS; Wen et al. 2019 for the GAN)
   :class:`~v2m_models.teacher.FaceRegressor` from scratch, fed the generated face bilinearly
   upsampled to 120x120, distilled from the frozen image -> 3DMM ``teacher``
   (:func:`v2m_models.teacher.load_teacher`) run on the same image:
-  ``param_weight * MSE(normalised 62 params) + mesh_weight * mesh MSE + KD loss``. The mesh MSE
-  is the mean squared vertex distance (mm^2) between the student's and the teacher's neutral-pose
-  meshes, computed exactly from the coefficient difference ``d`` as ``d^T G d`` with
-  ``G = W^T W / n_vertices`` for the morphable model's basis ``W`` (no vertices are formed).
+  ``param_weight * MSE(normalised 62 params) + mesh_weight * mesh MSE + KD loss`` (+ the
+  triplet below). With ``mesh_space="neutral"`` the mesh MSE is the mean squared vertex
+  distance (mm^2) between the student's and the teacher's neutral-pose meshes, computed exactly
+  from the coefficient difference ``d`` as ``d^T G d`` with ``G = W^T W / n_vertices`` for the
+  morphable model's basis ``W`` (no vertices are formed).
   The KD loss is one of :data:`v2m_models.kd.KD_NAMES` with the reference defaults, except
   ``pkt``, which follows the Cross-Modal-Perceptionist recipe (weight 10,000 on the pooled
-  features and on the early 8x8 map). The generated image is detached for the student: the
-  distillation trains the student only (the generator learns from the GAN terms alone).
+  features and on the early 8x8 map). The teacher's outputs are targets (no gradient through it).
+
+Two recipes (:data:`RECIPES`, ``UnsupervisedConfig.from_recipe``; docs/training.md compares them):
+
+- ``paper`` (the defaults): the generated image is detached for the student, so the distillation
+  trains the student only and the generator learns from the GAN terms alone; parameter MSE + mesh
+  MSE on neutral meshes + KD; batch 128.
+- ``official`` (the released ``gan_train_cascade.py``): no parameter MSE; the mesh MSE on the dense
+  posed vertices (each network's 3x4 pose applied: pixels of the 120x120 input, the mean over
+  vertices and coordinates, as ``torch.nn.MSELoss``); a triplet margin loss (weight 1.5, margin 1)
+  on the student's posed meshes; ``joint_generator``: the generator and the student are updated by
+  one backward pass of the GAN terms plus the student's loss, so distillation and triplet
+  gradients reach the generator; batch 64.
+
+The triplet (``triplet_weight > 0``): each sample's anchor voice crop, a positive (a crop of another
+utterance of the same identity) and a negative (a crop of an utterance of another identity), drawn
+from ``(seed, iteration)`` by :class:`v2m_models.data.BatchPlanner` (:func:`v2m_models.data.triplet_items`),
+go through the frozen encoder, the generator and the student in one forward pass each (3B
+samples); ``max(d(a, p) - d(a, n) + margin, 0)`` with ``d`` the Euclidean distance between the two
+meshes flattened to vectors (:func:`mesh_distance`: mm for neutral meshes, pixels for posed ones).
+The GAN terms, the mesh MSE and the KD loss use the anchors only.
 
 Adam (lr 2e-4, betas 0.5/0.999) for the generator, the critic, and the student (with the KD
-loss's own parameters); batch 64 as the official recipe. ``kd="none"`` trains the GAN alone
-(checkpoint kind ``"gan"``; no student, the teacher optional): the generator for the cascade
-baseline (:mod:`v2m_models.cascade`).
+loss's own parameters). ``kd="none"`` trains the GAN alone
+(checkpoint kind ``"gan"``; no student, the teacher optional; the triplet and the joint generator
+do not apply): the generator for the cascade baseline (:mod:`v2m_models.cascade`).
 
 Validation on the test references (the benchmark's three utterances per identity, whole):
 ``val_kd_param`` (the student's normalised parameter error against the teacher on the generated
@@ -39,7 +59,8 @@ Checkpoint (kind ``"unsupervised"``, or ``"gan"``) modules: ``encoder`` and ``te
 (frozen copies, so the file is self-contained), ``generator``, ``critic``, ``student``, ``kd``;
 ``task`` entries: ``classes``, ``encoder`` (channels), ``generator`` (channels), ``critic``
 (channels), ``student`` / ``teacher`` (network shapes), ``kd``, ``encoder_source``,
-``teacher_source``. :func:`load_predictor` runs voice -> encoder -> generator -> student.
+``teacher_source``, ``recipe`` (the recipe's name and the option values it concerns; the whole
+config is stored too). :func:`load_predictor` runs voice -> encoder -> generator -> student.
 """
 
 from __future__ import annotations
@@ -72,7 +93,12 @@ from .training import FitResult, Run, TrainConfig, fit, make_adam
 __all__ = [
     "GENERATOR_CHANNELS",
     "TRUNK_CHANNELS",
+    "MESH_SPACES",
+    "RECIPES",
     "UnsupervisedConfig",
+    "posed_vertices",
+    "mesh_distance",
+    "triplet_margin_loss",
     "UnsupervisedTask",
     "VoiceFacePredictor",
     "gan_training_set",
@@ -87,6 +113,18 @@ __all__ = [
 GENERATOR_CHANNELS: tuple = (1024, 512, 256, 128, 64)
 #: Wen et al.'s face-trunk widths.
 TRUNK_CHANNELS: tuple = (32, 64, 128, 256, 512)
+#: Where the mesh loss and the triplet distance act.
+MESH_SPACES: tuple = ("neutral", "posed")
+#: The two recipes (docs/training.md): the option values each preset sets.
+RECIPES: dict = {
+    # the paper: parameter L2 + neutral mesh L2 + PKT, the generator trained by the GAN alone
+    "paper": {"batch_size": 128, "param_weight": 1.0, "mesh_weight": 0.5, "mesh_space": "neutral", "triplet_weight": 0.0,
+              "triplet_margin": 1.0, "joint_generator": False},
+    # the official release (gan_train_cascade.py): 0.5 MSE of posed dense vertices + PKT + 1.5 triplet,
+    # the student's loss also trains the generator, batch 64
+    "official": {"batch_size": 64, "param_weight": 0.0, "mesh_weight": 0.5, "mesh_space": "posed", "triplet_weight": 1.5,
+                 "triplet_margin": 1.0, "joint_generator": True},
+}
 
 
 # ------------------------------------------------------------------------------------- config
@@ -97,7 +135,7 @@ class UnsupervisedConfig(TrainConfig):
     Attributes
     ----------
     batch_size : int
-        64 (the official recipe).
+        128 (``paper``; 64 in the ``official`` recipe).
     betas : tuple of float
         (0.5, 0.999), Wen et al.
     encoder : str
@@ -125,9 +163,26 @@ class UnsupervisedConfig(TrainConfig):
         Negatives per sample of the CRD loss (16,384).
     val_utterances : int
         Utterances per test identity in validation (3).
+    recipe : {"paper", "official"}
+        The preset the options started from (:data:`RECIPES`, :meth:`from_recipe`); recorded in
+        the checkpoint. The dataclass defaults are the ``paper`` preset.
+    triplet_weight : float
+        Weight of the triplet margin loss on the student's meshes (0: off; 1.5 official). Each
+        sample's anchor voice, a positive (another utterance of the same identity) and a negative
+        (an utterance of another identity) go through the generator and the student.
+    triplet_margin : float
+        Its margin, in the units of the mesh distance (1.0, torch's ``TripletMarginLoss`` default).
+    joint_generator : bool
+        The student's loss (distillation, mesh, triplet) also trains the generator (the official
+        release); False: the generated faces are detached for the student (the paper: the
+        generator learns from the GAN terms alone).
+    mesh_space : {"neutral", "posed"}
+        Where the mesh loss and the triplet distance act: ``neutral`` meshes (mm, from the
+        coefficients alone, exactly through :func:`mesh_gram`), or the ``posed`` dense vertices
+        (each network's pose applied; pixels of the 120x120 input, as the official release).
     """
 
-    batch_size: int = 64
+    batch_size: int = 128
     betas: tuple = (0.5, 0.999)
     encoder: str = ""
     teacher: str | None = None
@@ -143,9 +198,32 @@ class UnsupervisedConfig(TrainConfig):
     gan_weight: float = 1.0
     crd_negatives: int = 16384
     val_utterances: int = 3
+    recipe: str = "paper"
+    triplet_weight: float = 0.0
+    triplet_margin: float = 1.0
+    joint_generator: bool = False
+    mesh_space: str = "neutral"
+
+    @classmethod
+    def from_recipe(cls, recipe: str = "paper", **options) -> "UnsupervisedConfig":
+        """A config of preset ``recipe`` (:data:`RECIPES`); ``options`` override the preset's values."""
+        name = str(recipe).lower()
+        if name not in RECIPES:
+            raise ValidationError(f"unknown recipe {recipe!r} (choose from {', '.join(RECIPES)})", key="recipe")
+        return cls(**{**RECIPES[name], **options, "recipe": name})
 
     def __post_init__(self):
         super().__post_init__()
+        self.recipe = str(self.recipe).lower()
+        if self.recipe not in RECIPES:
+            raise ValidationError(f"unknown recipe {self.recipe!r} (choose from {', '.join(RECIPES)})", key="recipe")
+        if self.mesh_space not in MESH_SPACES:
+            raise ValidationError(f"must be neutral or posed, got {self.mesh_space!r}", key="mesh_space")
+        self.joint_generator = bool(self.joint_generator)
+        for k in ("triplet_weight", "triplet_margin"):
+            v = float(getattr(self, k))
+            if not (v >= 0 and np.isfinite(v)):
+                raise ValidationError(f"must be a finite number >= 0, got {getattr(self, k)}", key=k)
         self.kd = str(self.kd).lower()
         if self.kd not in KD_NAMES + ("none",):
             raise ValidationError(f"unknown distillation loss {self.kd!r} (choose from {', '.join(KD_NAMES)}, none)", key="kd")
@@ -200,8 +278,78 @@ def mesh_gram(bfm) -> np.ndarray:
     For a coefficient difference ``d`` (BFM units), ``d^T G d`` is the mean squared distance
     between the two meshes' vertices in mm^2 (1 mm = 1000 BFM units).
     """
-    w = np.concatenate([np.asarray(bfm.shape_basis, np.float64), np.asarray(bfm.expression_basis, np.float64)], axis=1)
-    return (w.T @ w) / (w.shape[0] // 3) / 1e6
+    w = torch.from_numpy(np.concatenate([np.asarray(bfm.shape_basis, np.float64),
+                                         np.asarray(bfm.expression_basis, np.float64)], axis=1))
+    return (w.T @ w).numpy() / (w.shape[0] // 3) / 1e6  # torch's float64 GEMM: ~10x numpy's on the shared CPUs
+
+
+def posed_vertices(pose, coefficients, mean, basis):
+    """Dense posed vertices ``A (mean + W c) + t`` of a batch (torch, differentiable).
+
+    Parameters
+    ----------
+    pose : torch.Tensor, (B, 12)
+        Row-major 3x4 ``[A | t]`` (:func:`v2m_models.teacher.crop_pose`: pixels of the network input).
+    coefficients : torch.Tensor, (B, 50)
+        40 shape + 10 expression coefficients (BFM units).
+    mean : torch.Tensor, (N, 3)
+        Mean face (BFM units).
+    basis : torch.Tensor, (3N, 50)
+        Stacked shape and expression bases (rows x0, y0, z0, x1, ...).
+
+    Returns
+    -------
+    torch.Tensor, (B, N, 3)
+        Vertices in the pose's units (pixels).
+    """
+    p = pose.reshape(-1, 3, 4)
+    v = mean.unsqueeze(0) + (coefficients @ basis.T).reshape(coefficients.shape[0], -1, 3)
+    return torch.einsum("bij,bnj->bni", p[:, :, :3], v) + p[:, None, :, 3]
+
+
+def mesh_distance(a, b, gram=None, n_vertices: int | None = None, eps: float = 1e-12):
+    """Euclidean distance between two batches of meshes, each flattened to one vector.
+
+    Parameters
+    ----------
+    a, b : torch.Tensor
+        Either dense vertices (B, N, 3), or, with ``gram``, coefficients (B, 50) in BFM units
+        (neutral meshes: the distance is ``sqrt(N d^T G d)``, exact, no vertices formed).
+    gram : torch.Tensor, (50, 50), optional
+        :func:`mesh_gram` of the model (mm^2 per vertex).
+    n_vertices : int, optional
+        N, with ``gram``.
+    eps : float
+        Added under the square root (a finite gradient at zero distance).
+
+    Returns
+    -------
+    torch.Tensor, (B,)
+        Distances: mm for neutral meshes, the vertices' units (pixels) for dense ones.
+    """
+    d = a - b
+    if gram is not None:
+        sq = torch.einsum("bi,ij,bj->b", d, gram, d) * float(n_vertices)
+    else:
+        sq = (d * d).flatten(1).sum(1)
+    return torch.sqrt(sq.clamp_min(0) + eps)
+
+
+def triplet_margin_loss(d_ap, d_an, margin: float):
+    """``mean(max(d_ap - d_an + margin, 0))``: zero when every anchor is closer to its positive than
+    to its negative by at least ``margin``.
+
+    Parameters
+    ----------
+    d_ap, d_an : torch.Tensor, (B,)
+        Anchor-positive and anchor-negative distances.
+    margin : float
+
+    Returns
+    -------
+    torch.Tensor, 0-d
+    """
+    return torch.relu(d_ap - d_an + float(margin)).mean()
 
 
 def make_distillation(name: str, student: FaceRegressor, teacher: FaceRegressor, *, n_data: int, weight=None,
@@ -261,6 +409,9 @@ class UnsupervisedTask(_VoiceTask):
         if config.teacher:
             self._teacher, _ = load_teacher(config.teacher, bfm=config.bfm)
         self._faces_info = None
+        #: triplets and the joint generator act through the student: none without one
+        self.triplets = self.kind == "unsupervised" and float(config.triplet_weight) > 0
+        self.joint = self.kind == "unsupervised" and bool(config.joint_generator)
         super().__init__(config, dataset=dataset)
 
     def _training_set(self):
@@ -276,7 +427,7 @@ class UnsupervisedTask(_VoiceTask):
         planner = BatchPlanner(
             self.bank.n_frames, cfg.batch_size, CropConfig(cfg.min_frames, cfg.max_frames), cfg.seed,
             rank=run.env.rank, world_size=run.env.world_size, sampling=cfg.sampling, groups=self.tset.labels,
-            face_groups=face_labels,
+            face_groups=face_labels, triplets=self.triplets,
         )
         return VoiceBatches(self.bank, planner, labels=self.tset.labels, faces=self._facebank)
 
@@ -297,7 +448,7 @@ class UnsupervisedTask(_VoiceTask):
         if self._teacher is not None:
             self.teacher = Frozen(self._teacher).to(dev)
             self.modules["teacher"] = self.teacher
-        self._gram = None
+        self._gram = self._mean = self._basis = None
         if self.kind == "unsupervised":
             t = self._teacher
             b = t.net.backbone
@@ -312,13 +463,21 @@ class UnsupervisedTask(_VoiceTask):
             self.s_net = run.wrap(self.student)
             has_params = any(p.requires_grad for p in self.kd.parameters())
             self.kd_net = run.wrap(self.kd, broadcast_buffers=False) if (has_params and run.env.distributed) else self.kd
-            if cfg.mesh_weight > 0:
+            self._std = self.student.param_std[12:].detach().clone()
+            if cfg.mesh_weight > 0 or self.triplets:
                 bfm = usable_bfm(cfg.bfm, self.dataset, run.log, topology=False)
                 if bfm is None:
-                    raise ValidationError("the mesh loss needs the morphable model: set V2M_BFM_DIR or --bfm, "
-                                          "or --mesh-weight 0", key="mesh_weight")
-                self._gram = torch.as_tensor(mesh_gram(bfm), dtype=torch.float32, device=dev)
-            self._std = self.student.param_std[12:].detach().clone()
+                    raise ValidationError("the mesh loss and the triplet need the morphable model: set V2M_BFM_DIR or "
+                                          "--bfm, or --mesh-weight 0 and --triplet-weight 0", key="mesh_weight")
+                self._n_vertices = int(bfm.n_vertices)
+                if cfg.mesh_space == "neutral":
+                    self._gram = torch.as_tensor(mesh_gram(bfm), dtype=torch.float32, device=dev)
+                else:
+                    self._mean = torch.as_tensor(np.asarray(bfm.mean, np.float32), device=dev)
+                    self._basis = torch.as_tensor(np.concatenate([bfm.shape_basis, bfm.expression_basis], axis=1),
+                                                  dtype=torch.float32, device=dev)
+        elif cfg.triplet_weight > 0 or cfg.joint_generator:
+            run.log("--kd none trains no student: the triplet and the joint generator do not apply")
         self._val = None
         self._bfm = None
         self._bfm_looked = False
@@ -331,12 +490,15 @@ class UnsupervisedTask(_VoiceTask):
             rng = np.random.default_rng([cfg.seed, 0xF11B, run.iteration, run.env.rank])
             mask = torch.as_tensor(rng.random(real.shape[0]) < 0.5, device=real.device)
             real = torch.where(mask[:, None, None, None], real.flip(3), real)
+        if self.triplets:  # anchors, positives, negatives through one forward pass
+            x = torch.cat([x, batch["positive"], batch["negative"]], dim=0)
         with torch.no_grad():
             emb = self.encoder(x, normalize=True).float()
-        with run.autocast():
-            fake = self.g_net(emb)
-            d_all, c_all = self.c_net(torch.cat([real, fake.detach()], dim=0))
         b = real.shape[0]
+        with run.autocast():
+            faces = self.g_net(emb)
+            fake = faces[:b]
+            d_all, c_all = self.c_net(torch.cat([real, fake.detach()], dim=0))
         d_all, c_all = d_all.float(), c_all.float()
         ones = torch.ones(b, 1, device=real.device)
         zeros = torch.zeros(b, 1, device=real.device)
@@ -347,32 +509,84 @@ class UnsupervisedTask(_VoiceTask):
             d_fake, c_fake = self.c_net(fake)
         loss_gd = F.binary_cross_entropy_with_logits(d_fake.float(), ones)
         loss_gc = F.cross_entropy(c_fake.float(), label)
-        run.optimize(loss_gd + cfg.gan_weight * loss_gc, "generator", self.optimizers["generator"])
+        loss_g = loss_gd + cfg.gan_weight * loss_gc
         out = {"loss_d": loss_d.detach(), "loss_c": loss_c.detach(), "loss_g": loss_gd.detach(), "loss_gc": loss_gc.detach(),
                "acc_real": (c_all[:b].detach().argmax(1) == label).float().mean()}
-        if self.student is not None:
-            img = fake.detach().float()
-            with torch.no_grad():
-                t_out = self.teacher(img, return_features=True)
-            with run.autocast():
-                s_out = self.s_net(img, return_features=True)
-            s_out, t_out = _float_out(s_out), _float_out(t_out)
-            loss_p = ((s_out["params"] - t_out["params"]) ** 2).mean()
-            loss = cfg.param_weight * loss_p
-            if self._gram is not None:
+        if self.student is None:
+            run.optimize(loss_g, "generator", self.optimizers["generator"])
+            return out
+        if self.joint:  # one backward: the student's loss reaches the generator too
+            loss, logs = self.student_loss(batch, faces, run)
+            run.optimize(loss_g + loss, "generator", [self.optimizers["generator"], self.optimizers["student"]])
+        else:
+            run.optimize(loss_g, "generator", self.optimizers["generator"])
+            loss, logs = self.student_loss(batch, faces.detach(), run)
+            run.optimize(loss, "student", self.optimizers["student"])
+        out.update(logs)
+        return out
+
+    def student_loss(self, batch: dict, faces: torch.Tensor, run: Run):
+        """The student's loss on generated faces (see the module docstring).
+
+        Parameters
+        ----------
+        batch : dict
+            The iteration's batch (``item`` for the CRD loss).
+        faces : torch.Tensor, (B, 3, 64, 64), or (3B, 3, 64, 64) with triplets
+            Generated faces of the anchors (then of the positives and the negatives); the
+            gradient reaches the generator exactly when they are not detached.
+        run : Run
+
+        Returns
+        -------
+        loss : torch.Tensor, 0-d
+        logs : dict of detached 0-d tensors
+            ``loss_param``, ``loss_kd``, ``loss_student``, and ``loss_mesh``, ``loss_triplet``,
+            ``triplet_ap``, ``triplet_an`` (mean distances) when those terms are on.
+        """
+        cfg = self.config
+        b = batch["item"].shape[0]
+        img = faces.float()
+        with torch.no_grad():
+            t_out = _float_out(self.teacher(img[:b], return_features=True))
+        with run.autocast():
+            s_all = _float_out(self.s_net(img, return_features=True))
+        s_out = s_all if not self.triplets else {
+            k: ([m[:b] for m in v] if isinstance(v, list) else (v[:b] if v is not None else None)) for k, v in s_all.items()}
+        loss_p = ((s_out["params"] - t_out["params"]) ** 2).mean()
+        loss = cfg.param_weight * loss_p
+        logs = {}
+        posed = cfg.mesh_space == "posed" and self._basis is not None
+        s_vert = posed_vertices(s_all["pose"], s_all["coefficients"], self._mean, self._basis) if posed else None
+        if cfg.mesh_weight > 0:
+            if posed:
+                t_vert = posed_vertices(t_out["pose"], t_out["coefficients"], self._mean, self._basis)
+                loss_m = ((s_vert[:b] - t_vert) ** 2).mean()
+            else:
                 d = (s_out["params"][:, 12:] - t_out["params"][:, 12:]) * self._std
                 loss_m = torch.einsum("bi,ij,bj->b", d, self._gram, d).mean()
-                loss = loss + cfg.mesh_weight * loss_m
-                out["loss_mesh"] = loss_m.detach()
-            if cfg.kd == "crd":
-                ci = _contrast_index(batch["item"], len(self.bank), cfg.crd_negatives, cfg.seed, run.iteration)
-                loss_k = self.kd_net(s_out, t_out, index=batch["item"], contrast_index=ci)
+            loss = loss + cfg.mesh_weight * loss_m
+            logs["loss_mesh"] = loss_m.detach()
+        if cfg.kd == "crd":
+            ci = _contrast_index(batch["item"], len(self.bank), cfg.crd_negatives, cfg.seed, run.iteration)
+            loss_k = self.kd_net(s_out, t_out, index=batch["item"], contrast_index=ci)
+        else:
+            loss_k = self.kd_net(s_out, t_out, index=batch["item"])
+        loss = loss + loss_k
+        if self.triplets:
+            if posed:
+                a, p, n = s_vert[:b], s_vert[b:2 * b], s_vert[2 * b:]
+                d_ap, d_an = mesh_distance(a, p), mesh_distance(a, n)
             else:
-                loss_k = self.kd_net(s_out, t_out, index=batch["item"])
-            loss = loss + loss_k
-            run.optimize(loss, "student", self.optimizers["student"])
-            out.update(loss_param=loss_p.detach(), loss_kd=loss_k.detach(), loss_student=loss.detach())
-        return out
+                c = s_all["coefficients"]
+                a, p, n = c[:b], c[b:2 * b], c[2 * b:]
+                d_ap = mesh_distance(a, p, self._gram, self._n_vertices)
+                d_an = mesh_distance(a, n, self._gram, self._n_vertices)
+            loss_t = triplet_margin_loss(d_ap, d_an, cfg.triplet_margin)
+            loss = loss + cfg.triplet_weight * loss_t
+            logs.update(loss_triplet=loss_t.detach(), triplet_ap=d_ap.mean().detach(), triplet_an=d_an.mean().detach())
+        logs.update(loss_param=loss_p.detach(), loss_kd=loss_k.detach(), loss_student=loss.detach())
+        return loss, logs
 
     # -- validation
     def _val_data(self, run: Run):
@@ -435,6 +649,10 @@ class UnsupervisedTask(_VoiceTask):
             "kd": cfg.kd,
             "encoder_source": str(cfg.encoder),
             "teacher_source": str(cfg.teacher or ""),
+            "recipe": {"name": cfg.recipe, "triplet_weight": float(cfg.triplet_weight),
+                       "triplet_margin": float(cfg.triplet_margin), "joint_generator": bool(cfg.joint_generator),
+                       "mesh_space": cfg.mesh_space, "param_weight": float(cfg.param_weight),
+                       "mesh_weight": float(cfg.mesh_weight), "batch_size": int(cfg.batch_size)},
         }
         if self._teacher is not None:
             st["teacher"] = _teacher_arch(self._teacher)
