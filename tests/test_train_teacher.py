@@ -110,9 +110,13 @@ def test_teacher_fits_its_training_pairs_better_than_the_mean(world, tmp_path):
     err = np.mean((z - task.targets) ** 2)
     mean_err = np.mean(task.targets ** 2)
     assert err < 0.6 * mean_err, (err, mean_err)  # ~0.31 vs ~0.98 here
-    # validation on the test split: a parameter loss and, with the build's model, the bench metrics
+    # validation on the test split: a parameter loss and, when the BFM is at hand (the metrics read
+    # its vertex ids; this build's own model is a small test mesh), the bench metrics
     assert np.isfinite(r.metrics["val_loss"])
-    assert {"ER", "ARE_mean", "NME", "ER_meanface"} <= set(r.metrics)
+    from v2m_models.supervised import usable_bfm
+
+    has_bfm = usable_bfm(None, open_dataset(world)) is not None
+    assert ({"ER", "ARE_mean", "NME", "ER_meanface"} <= set(r.metrics)) == has_bfm
 
 
 def test_teacher_on_64x64_crops_upsampled_like_the_gan_faces(world, tmp_path):
