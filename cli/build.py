@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import click
 
+from v2m_bench import __version__
+
 from ._common import UserError, out_option, progress_enabled, user_errors
 
 
@@ -44,6 +46,7 @@ def _options(values) -> tuple:
     invoke_without_command=True,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
+@click.version_option(__version__, prog_name="v2m-build-dataset")
 @click.option("--voxceleb", metavar="DIR", help="VoxCeleb1 folder (wav/<id>/<video>/<n>.wav, or the wav folder itself).")
 @click.option("--vggface", metavar="DIR", help="VGGFace folder (images/<Name>/<id>.jpg or <Name>/<id>.jpg; files/<Name>.txt).")
 @click.option("--vox-meta", metavar="CSV", help="vox1_meta.csv (default: <voxceleb>/vox1_meta.csv).")
@@ -61,7 +64,8 @@ def _options(values) -> tuple:
               help="joblib backend; dask uses a dask.distributed client (see --scheduler).")
 @click.option("--scheduler", metavar="ADDRESS", help="dask scheduler address (default with --backend dask: a local cluster).")
 @click.option("--limit-identities", type=click.IntRange(min=1), help="Only the first K identities by VoxCeleb1 id.")
-@click.option("--identities-per-shard", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--identities-per-shard", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Identities in each shard (the unit of work, resumption and parallelism).")
 @click.option("--shard-index", type=click.IntRange(min=0), default=0, show_default=True, help="This job's index in a job array.")
 @click.option("--num-shards", type=click.IntRange(min=1), default=1, show_default=True,
               help="Jobs in the array (>1: write only this job's shards; finish with `merge OUT`).")

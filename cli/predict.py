@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import click
 
+from v2m_bench import __version__
+
 from ._common import UserError, user_errors
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="v2m-predict")
 @click.option("--checkpoint", metavar="CKPT", help="A face-model checkpoint (v2m-train supervised, ...).")
 @click.option("--data", metavar="DIR", help="Build folder holding the test split (and references.h5).")
 @click.option("--out", metavar="H5", help="predictions.h5 to write (atomically).")

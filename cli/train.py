@@ -22,6 +22,7 @@ import dataclasses
 
 import click
 
+from v2m_bench import __version__
 from v2m_models.supervised import SupervisedConfig, VoiceEncoderConfig
 from v2m_models.teacher import TeacherConfig
 from v2m_models.unsupervised import UnsupervisedConfig
@@ -73,19 +74,23 @@ def common_options(cls, exclude=frozenset()):
         opts = [
             click.option("--data", required=True, metavar="DIR", help="Build folder (v2m-build-dataset --out)."),
             click.option("--out", required=True, metavar="CKPT", help="Checkpoint to write (also written periodically)."),
-            click.option("--iterations", type=click.IntRange(min=1), default=d["iterations"], show_default=True),
+            click.option("--iterations", type=click.IntRange(min=1), default=d["iterations"], show_default=True,
+                         help="Optimiser steps in all (a resumed run continues up to this count)."),
             click.option("--batch-size", type=click.IntRange(min=1), default=d["batch_size"], show_default=True,
                          help="Global batch (split over DDP ranks)."),
             click.option("--lr", type=float, default=d["lr"], show_default=True, help="Adam learning rate."),
-            click.option("--weight-decay", type=float, default=d["weight_decay"], show_default=True),
+            click.option("--weight-decay", type=float, default=d["weight_decay"], show_default=True,
+                         help="Adam weight decay (L2)."),
             click.option("--grad-clip", type=float, default=d["grad_clip"], show_default=True, help="Max gradient norm (0: off)."),
             click.option("--device", default=d["device"], show_default=True, help="auto (CUDA when available), cpu, cuda, cuda:N."),
-            click.option("--seed", type=click.IntRange(min=0), default=d["seed"], show_default=True),
+            click.option("--seed", type=click.IntRange(min=0), default=d["seed"], show_default=True,
+                         help="Seed of every random choice (same seed, same run)."),
             click.option("--resume", is_flag=True, help="Continue from --out when it exists."),
             click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]), default=d["amp"], show_default=True,
                          help="Mixed precision on CUDA (auto: bf16 if supported, else fp16 + GradScaler)."),
             click.option("--loader", type=click.Choice(["cpu", "gpu"]), default=d["loader"], show_default=True,
-                         help="cpu: DataLoader workers; gpu: feature bank on the device, crops cut there."),
+                         help="cpu: DataLoader workers prepare the batches; gpu: the training data (voice features or "
+                         "face crops) stay on the device and batches are cut there."),
             click.option("--bank-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=d["bank_dtype"],
                          show_default=True, help="Storage of the device feature bank (--loader gpu)."),
             click.option("--workers", type=click.IntRange(min=0), default=d["workers"], show_default=True,
@@ -98,7 +103,8 @@ def common_options(cls, exclude=frozenset()):
                          help="Epochs over utterances, or a uniform identity then one of its utterances."),
             click.option("--channels", "encoder_channels", callback=lambda c, p, v: _channels(v), default=None,
                          metavar="C0,..,C5", help="Voice-encoder widths (default 64,256,384,576,864,64)."),
-            click.option("--log-every", type=click.IntRange(min=0), default=d["log_every"], show_default=True),
+            click.option("--log-every", type=click.IntRange(min=0), default=d["log_every"], show_default=True,
+                         help="Write the training losses to the metrics log every K iterations (0: never)."),
             click.option("--val-every", type=click.IntRange(min=0), default=d["val_every"], show_default=True,
                          help="Iterations between validations (0: only at the end)."),
             click.option("--ckpt-every", type=click.IntRange(min=0), default=d["ckpt_every"], show_default=True,
@@ -166,6 +172,7 @@ def _report(result, log) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="v2m-train")
 def main():
     """Train voice2mesh models (voice encoder, supervised voice -> 3DMM, image -> 3DMM teacher,
     unsupervised GAN + distilled student).
@@ -180,7 +187,7 @@ def _log(msg: str) -> None:
 
 
 @main.command("voice-encoder")
-@common_options(VoiceEncoderConfig)
+@common_options(VoiceEncoderConfig, exclude={"bfm"})  # validated by speaker accuracy: no mesh metrics
 @click.pass_context
 @user_errors
 def voice_encoder(ctx, **params):
