@@ -73,6 +73,7 @@ import numpy as np
 from v2m_bench.errors import V2MError, ValidationError
 
 from .audio import AudioConfig, load_audio, log_mel, mel_filterbank, normalise, vad_trim
+from .facegate import FACE_STAGE, FaceGateConfig
 from .fitting import FitConfig
 from .identities import (
     Identity,
@@ -110,7 +111,7 @@ MANIFEST_FORMAT = "v2m-dataset-manifest"
 MANIFEST_VERSION = 1
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".m4a", ".mp3")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp")
-_STAGES = ("identity", "audio", "image", "landmarks", "crop", "fit", "reference")
+_STAGES = ("identity", "audio", "image", "face", "landmarks", "crop", "fit", "reference")
 
 
 # -------------------------------------------------------------------------------------- config
@@ -160,6 +161,8 @@ class BuildConfig:
         Side of the crop square relative to the inner-landmark box
         (:func:`v2m_data.landmarks.detector_box_from_landmarks`).
     reference_rule : ReferenceRule
+    face_gate : FaceGateConfig
+        When an image counts as a face (:mod:`v2m_data.facegate`).
     progress : bool or None
         Progress bars (None: when stderr is a terminal).
     """
@@ -186,6 +189,7 @@ class BuildConfig:
     crop_sizes: tuple = (64, 120)
     crop_scale: float = 1.3
     reference_rule: ReferenceRule = field(default_factory=ReferenceRule)
+    face_gate: FaceGateConfig = field(default_factory=FaceGateConfig)
     progress: bool | None = None
 
     def __post_init__(self):
@@ -417,17 +421,21 @@ def scan_identity(ident: Identity, wav_root: Path, images_root: Path, annotation
     else:
         notes.append(_fail("identity", ident, "", f"no voice folder {ident.vox_id}/ under the VoxCeleb wav folder"))
     boxes: dict = {}
+    bad_ids: dict = {}
     if annotations is not None:
         ann = annotations / f"{validate_component(ident.name, 'VGGFace1 ID')}.txt"
         if ann.is_file():
             from .images import read_vggface_annotations
 
+            bad_lines: list = []
             try:
-                df = read_vggface_annotations(ann)
+                df = read_vggface_annotations(ann, bad_lines=bad_lines)
                 for rid, l, t, r, b, pose in zip(df["id"], df["left"], df["top"], df["right"], df["bottom"], df["pose"]):
                     boxes[str(rid)] = ((float(l), float(t), float(r), float(b)), float(pose))
             except ValidationError as e:
                 notes.append(_fail("identity", ident, f"{ident.name}.txt", f"annotation file unusable, faces detected without boxes: {_short(e, ann)}"))
+            for lineno, rid, why in bad_lines:
+                bad_ids[str(rid)] = f"annotation line {lineno} of {ident.name}.txt unusable ({why}); image not used"
     images = []
     idir = images_root / validate_component(ident.name, "VGGFace1 ID")
     seen = set()
@@ -438,11 +446,17 @@ def scan_identity(ident: Identity, wav_root: Path, images_root: Path, annotation
                 continue
             stem = Path(f).stem
             seen.add(stem)
+            if stem in bad_ids and stem not in boxes:
+                notes.append(_fail("image", ident, f"{ident.name}/{f}", bad_ids[stem]))
+                continue
             box, pose = boxes.get(stem, (None, None))
             images.append((f"{ident.name}/{f}", stem, p.stat().st_size, box, pose))
     else:
         notes.append(_fail("identity", ident, "", f"no image folder {ident.name}/ under the VGGFace image folder"))
     missing = sum(1 for k in boxes if k not in seen)
+    for rid, why in sorted(bad_ids.items()):
+        if rid not in seen and rid not in boxes:
+            notes.append(_fail("identity", ident, f"{ident.name}.txt", why.replace("; image not used", "")))
     return IdentityFiles(tuple(utts), tuple(images), tuple(notes), missing)
 
 
@@ -483,6 +497,7 @@ class ShardTask:
     fit: FitConfig
     crop_sizes: tuple
     crop_scale: float
+    face_gate: FaceGateConfig = field(default_factory=FaceGateConfig)
     progress: bool = False
 
 
@@ -505,6 +520,22 @@ def _resources(detector: str, device: str, options: tuple, bfm_path: str, fit: F
 
         entry["detector"] = make_detector(detector, device, **dict(options))
     return entry
+
+
+def _confirmer(detector, gate: FaceGateConfig):
+    """``(image, box) -> overlap or None``: the face detector that confirms annotated boxes."""
+    if gate.confirm == "none":
+        return lambda image, box: None
+    if gate.confirm == "auto" or detector.name == "dlib":
+        return lambda image, box: detector.face_overlap(image, box, gate)
+    try:
+        import dlib
+    except ImportError:
+        raise V2MError("face_gate.confirm='dlib' needs dlib: pip install dlib-bin") from None
+    from .facegate import dlib_face_overlap
+
+    hog = dlib.get_frontal_face_detector()
+    return lambda image, box: dlib_face_overlap(hog, image, box, gate)
 
 
 def _bar(total: int, desc: str, enabled: bool, unit: str = "it"):
@@ -564,9 +595,19 @@ def process_utterances(ident_files: Sequence, wav_root: Path, config: AudioConfi
 
 
 def process_images(
-    ident_files: Sequence, images_root: Path, detector, crop_sizes: Sequence[int], crop_scale: float, *, progress: bool = False
+    ident_files: Sequence,
+    images_root: Path,
+    detector,
+    crop_sizes: Sequence[int],
+    crop_scale: float,
+    *,
+    gate: FaceGateConfig | None = None,
+    progress: bool = False,
 ) -> tuple:
-    """Landmarks and crops of every image (images are decoded one identity at a time).
+    """Face gate, landmarks and crops of every image (images are decoded one identity at a time).
+
+    Every image passes the face gate (:mod:`v2m_data.facegate`, ``gate``; default thresholds when
+    None); an image that fails it is a failure of stage ``"face"`` and is not returned.
 
     Returns
     -------
@@ -574,9 +615,12 @@ def process_images(
         ``records``: dicts ``row, path, image_id, box, pose, landmarks ((68, 2|3) float32),
         crop_box, crops {size: (S, S, 3) uint8}``.
     """
-    from .images import crop_face, load_image
+    from .facegate import check_box, check_crop, check_image_size
+    from .images import ImageTooLargeError, crop_face, load_image
     from .landmarks import detector_box_from_landmarks
 
+    gate = gate or FaceGateConfig()
+    confirm = _confirmer(detector, gate)
     records, failures = [], []
     total = sum(len(f.images) for _, f, _ in ident_files)
     with _bar(total, f"landmarks ({detector.name})", progress, "img") as bar:
@@ -585,11 +629,31 @@ def process_images(
             for rel, image_id, _size, box, pose in files.images:
                 path = images_root / rel
                 try:
-                    pixels.append(load_image(path))
-                    items.append((rel, image_id, box, pose, path))
+                    px = load_image(path, max_pixels=int(gate.max_pixels))
+                except ImageTooLargeError as e:
+                    failures.append(_fail(FACE_STAGE, ident, rel, _short(e, path, images_root)))
+                    bar.update(1)
+                    continue
                 except ValidationError as e:
                     failures.append(_fail("image", ident, rel, _short(e, path, images_root)))
                     bar.update(1)
+                    continue
+                why = check_image_size(px.shape[0], px.shape[1], gate)
+                if why is None and box is not None:
+                    why = check_box(box, px.shape[0], px.shape[1], gate)
+                    if why is None:
+                        overlap = confirm(px, box)
+                        if overlap is not None and overlap < float(gate.min_overlap):
+                            why = (
+                                f"no face in the annotated box (face detector: best overlap {overlap:.2f} < "
+                                f"{float(gate.min_overlap):g})"
+                            )
+                if why is not None:
+                    failures.append(_fail(FACE_STAGE, ident, rel, why))
+                    bar.update(1)
+                    continue
+                pixels.append(px)
+                items.append((rel, image_id, box, pose, path))
             dets = _detect(detector, pixels, items)
             for img, (rel, image_id, box, pose, path), det in zip(pixels, items, dets):
                 bar.update(1)
@@ -600,11 +664,21 @@ def process_images(
                 if not np.all(np.isfinite(pts)):
                     failures.append(_fail("landmarks", ident, rel, "non-finite landmarks"))
                     continue
+                if det.confidence is not None and det.confidence < float(gate.min_confidence) and gate.confirm != "none":
+                    failures.append(_fail(
+                        FACE_STAGE, ident, rel,
+                        f"no face in the annotated box (landmark confidence {det.confidence:.2f} < {float(gate.min_confidence):g})",
+                    ))
+                    continue
                 try:
                     cbox = detector_box_from_landmarks(pts, crop_scale)
                     crops = {int(s): crop_face(img, cbox, int(s)) for s in crop_sizes}
                 except ValidationError as e:
                     failures.append(_fail("crop", ident, rel, f"cannot crop the face: {_short(e, path, images_root)}"))
+                    continue
+                why = check_crop(crops[max(crops)], gate)
+                if why is not None:
+                    failures.append(_fail(FACE_STAGE, ident, rel, why))
                     continue
                 used_box = box if box is not None else (None if det.box is None else tuple(float(v) for v in det.box))
                 records.append(
@@ -778,7 +852,9 @@ def build_shard(task: ShardTask) -> dict:
         timings["audio"] = time.perf_counter() - t
         t = time.perf_counter()
         if n_images_in:
-            img, f_img = process_images(ident_files, images_root, res["detector"], task.crop_sizes, task.crop_scale, progress=task.progress)
+            img, f_img = process_images(
+                ident_files, images_root, res["detector"], task.crop_sizes, task.crop_scale, gate=task.face_gate, progress=task.progress
+            )
         else:
             img, f_img = [], []
         timings["landmarks"] = time.perf_counter() - t
@@ -994,6 +1070,7 @@ def _parameters(config: BuildConfig, device: str) -> dict:
         "crop_sizes": [int(s) for s in config.crop_sizes],
         "crop_scale": float(config.crop_scale),
         "reference_rule": _config_dict(config.reference_rule),
+        "face_gate": _config_dict(config.face_gate),
     }
 
 
@@ -1184,6 +1261,7 @@ def build(config: BuildConfig, *, log: Callable[[str], None] | None = None) -> B
                         fit=config.fit,
                         crop_sizes=tuple(int(x) for x in config.crop_sizes),
                         crop_scale=float(config.crop_scale),
+                        face_gate=config.face_gate,
                         progress=progress and config.workers == 1 and config.backend == "loky",
                     )
                 )
