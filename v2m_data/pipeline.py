@@ -36,8 +36,9 @@ so the same inputs give the same bytes (loky, dask, shard arrays, a resumed buil
 Execution settings (workers, backend, scheduler, job array) are not recorded in the files. A
 rerun skips every shard whose file exists with the planned fingerprint; a killed build leaves at
 most temporary ``.*.tmp`` files, removed by the next run. A per-item problem (undecodable or
-empty audio, no speech, an unreadable image, no face or landmarks, non-finite landmarks, a
-diverging fit) is recorded with its reason in the shard's report and the manifest, and the build
+empty audio, no speech, an unreadable image, an unusable annotation line, an image the face gate
+refuses (:mod:`v2m_data.facegate`: too small or too large, a box outside the image or degenerate,
+no face in the annotated box), no landmarks, non-finite landmarks, a diverging fit) is recorded with its reason in the shard's report and the manifest, and the build
 goes on; only bad inputs as a whole (missing folders, unreadable metadata, no model, a busy OUT)
 are fatal (:class:`~v2m_bench.errors.V2MError`).
 
