@@ -75,6 +75,7 @@ from v2m_bench.errors import V2MError, ValidationError
 
 from .audio import AudioConfig, load_audio, log_mel, mel_filterbank, normalise, vad_trim
 from .facegate import FACE_STAGE, FaceGateConfig
+from .labels import LabelRule
 from .fitting import FitConfig
 from .identities import (
     Identity,
@@ -164,6 +165,8 @@ class BuildConfig:
     reference_rule : ReferenceRule
     face_gate : FaceGateConfig
         When an image counts as a face (:mod:`v2m_data.facegate`).
+    identity_label : LabelRule
+        Which fits make each identity's label and the estimator (:mod:`v2m_data.labels`).
     progress : bool or None
         Progress bars (None: when stderr is a terminal).
     """
@@ -191,6 +194,7 @@ class BuildConfig:
     crop_scale: float = 1.3
     reference_rule: ReferenceRule = field(default_factory=ReferenceRule)
     face_gate: FaceGateConfig = field(default_factory=FaceGateConfig)
+    identity_label: LabelRule = field(default_factory=LabelRule)
     progress: bool | None = None
 
     def __post_init__(self):
@@ -264,6 +268,10 @@ class BuildResult:
         if self.manifest is not None:
             r = self.manifest.get("references", {})
             lines.append(f"references: {r.get('n_references', 0)} test identities -> {r.get('file') or 'none written'}")
+            if self.manifest.get("quality"):
+                from .audit import verdict
+
+                lines.append(f"label quality: {verdict(self.manifest['quality'])} (v2m-build-dataset audit OUT)")
         if self.timings:
             lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
         return "\n".join(lines)
@@ -499,6 +507,7 @@ class ShardTask:
     crop_sizes: tuple
     crop_scale: float
     face_gate: FaceGateConfig = field(default_factory=FaceGateConfig)
+    identity_label: LabelRule = field(default_factory=LabelRule)
     progress: bool = False
 
 
@@ -869,6 +878,8 @@ def build_shard(task: ShardTask) -> dict:
         else:
             fr = None
         timings["fit"] = time.perf_counter() - t
+    from .labels import identity_labels
+
     t = time.perf_counter()
     f_fit = []
     keep = []
@@ -931,6 +942,10 @@ def build_shard(task: ShardTask) -> dict:
             "residual_normalized": fr.residual_normalized[ki].astype(np.float32),
             "converged": fr.converged[ki].astype(bool),
         }
+        ident_rows = np.array([r["row"] for r in kr], np.int64)
+        labels = identity_labels(
+            ident_rows, fr.shape[ki], fr.expression[ki], fit["pose"], fit["residual_normalized"], len(idents), task.identity_label
+        )
     else:
         fit = {
             "shape": np.zeros((0, n_shape), np.float32),
@@ -943,6 +958,10 @@ def build_shard(task: ShardTask) -> dict:
             "residual_normalized": np.zeros(0, np.float32),
             "converged": np.zeros(0, bool),
         }
+        labels = identity_labels(
+            np.zeros(0, np.int64), fit["shape"], fit["expression"], fit["pose"], fit["residual"], len(idents), task.identity_label
+        )
+    fit["in_identity_label"] = labels.pop("used").astype(bool)
     counts = {
         "identities": len(idents),
         "utterances_found": sum(len(f.utterances) for f in files),
@@ -969,6 +988,11 @@ def build_shard(task: ShardTask) -> dict:
         n_mels=n_mels,
         crop_sizes=tuple(int(s) for s in task.crop_sizes),
         landmark_dims=dims,
+        identity_fit=labels,
+        identity_fit_attrs={
+            "estimator": task.identity_label.estimator,
+            "rule": json.dumps(_config_dict(task.identity_label), sort_keys=True),
+        },
     )
     write_shard(task.out_path, content)
     timings["write"] = time.perf_counter() - t
@@ -1072,6 +1096,7 @@ def _parameters(config: BuildConfig, device: str) -> dict:
         "crop_scale": float(config.crop_scale),
         "reference_rule": _config_dict(config.reference_rule),
         "face_gate": _config_dict(config.face_gate),
+        "identity_label": _config_dict(config.identity_label),
     }
 
 
@@ -1263,6 +1288,7 @@ def build(config: BuildConfig, *, log: Callable[[str], None] | None = None) -> B
                         crop_sizes=tuple(int(x) for x in config.crop_sizes),
                         crop_scale=float(config.crop_scale),
                         face_gate=config.face_gate,
+                        identity_label=config.identity_label,
                         progress=progress and config.workers == 1 and config.backend == "loky",
                     )
                 )
@@ -1353,6 +1379,11 @@ def _finalize(out: Path, payload: dict, rule: ReferenceRule, overrides: dict | N
     )
     if not refs["written"]:
         refs_path.unlink(missing_ok=True)
+    from v2m_bench.bfm import load_bfm
+
+    from .audit import label_quality
+
+    quality = label_quality([ds.split(s) for s in ds.splits], load_bfm(payload["inputs"]["bfm"]))
     failures = [f for r in reports for f in r["failures"]] + refs["failures"]
     tmp = BuildResult(out=out)
     _totals(tmp, reports)
@@ -1378,6 +1409,7 @@ def _finalize(out: Path, payload: dict, rule: ReferenceRule, overrides: dict | N
             "selection_rule": refs["selection_rule"],
             "chosen": refs["chosen"],
         },
+        "quality": quality,
         "failures": failures,
     }
     atomic_write_bytes(out / "manifest.json", _dump(manifest))
