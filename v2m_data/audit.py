@@ -10,7 +10,7 @@ complete build); :func:`fidelity` compares a build of a synthetic world with its
 - ``icc``: one-way random-effects ICC(1) over identities (:func:`v2m_data.labels.icc1`) of the
   per-image fits' ARE ratios ``ER``, ``FR``, ``MR``, ``CR`` (fitted shape, neutral expression)
   and of the 40 ``shape`` coefficients (mean squares summed over the coefficients); identities
-  with at least two fits count. No truth is needed: a high ICC says the images of one person give
+  with at least two fits count. The ratios need the BFM topology (``null`` on other models). No truth is needed: a high ICC says the images of one person give
   the same face and different people different faces.
 - ``images_per_identity``: identities with fits, without, and min / median / max fits per
   identity (over identities with fits).
@@ -93,7 +93,8 @@ def label_quality(splits, model) -> dict:
             has = np.asarray(idf["n_images"]) > 0
             n_labels += int(has.sum())
             sprd = np.asarray(idf["shape_spread"], np.float64)[has] / std
-            spreads.append(np.nanmean(sprd, axis=1) if len(sprd) else np.zeros(0))
+            sprd = sprd[np.isfinite(sprd).all(1)]
+            spreads.append(sprd.mean(axis=1) if len(sprd) else np.zeros(0))
         base += n_id
     g = np.concatenate(groups) if groups else np.zeros(0, np.int64)
     a = np.concatenate(shapes) if shapes else np.zeros((0, len(std)))
@@ -102,9 +103,12 @@ def label_quality(splits, model) -> dict:
     c = np.concatenate(counts) if counts else np.zeros(0, np.int64)
     icc = {k: None for k in (*RATIOS, "shape")}
     if len(a):
-        ratios = ratios_of_shapes(model, a)
+        try:
+            ratios = ratios_of_shapes(model, a)
+        except ValidationError:  # not the BFM topology: no ratios
+            ratios = None
         for k in RATIOS:
-            icc[k] = _r(icc1(ratios[k], g))
+            icc[k] = None if ratios is None else _r(icc1(ratios[k], g))
         icc["shape"] = _r(icc1(a, g))
     sp_all = np.concatenate(spreads) if spreads else np.zeros(0)
     sp_all = sp_all[np.isfinite(sp_all)]

@@ -221,7 +221,7 @@ def icc1(values, groups) -> float:
 def ratios_of_shapes(model, shape, expression=None) -> dict:
     """The four ARE line ratios (:func:`v2m_bench.metrics.are_ratios`) of coefficient vectors.
 
-    Only the ten vertices the ratios use are computed (the model must have the BFM topology).
+    Only the ten vertices the ratios use are computed.
 
     Parameters
     ----------
@@ -234,11 +234,18 @@ def ratios_of_shapes(model, shape, expression=None) -> dict:
     -------
     dict
         ``{"ER", "FR", "MR", "CR"}`` -> (B,) float64.
+
+    Raises
+    ------
+    ValidationError
+        When the model does not have the BFM topology.
     """
     from v2m_bench.topology import ARE_PAIRS, OICD
 
     a = np.atleast_2d(np.asarray(shape, np.float64))
     ids = sorted({*OICD, *(v for pair in ARE_PAIRS.values() for v in pair)})
+    if int(model.n_vertices) <= ids[-1]:
+        raise ValidationError(f"the ARE ratios need the BFM topology (53,215 vertices), the model has {model.n_vertices}", key="model")
     cols = (3 * np.asarray(ids)[:, None] + np.arange(3)[None, :]).reshape(-1)
     flat = a @ np.asarray(model.shape_basis, np.float64)[cols].T + np.asarray(model.mean, np.float64).reshape(-1)[cols]
     if expression is not None:
