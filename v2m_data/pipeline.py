@@ -156,7 +156,11 @@ class BuildConfig:
     reference_overrides : str, optional
         CSV/JSON identity -> image file (:func:`v2m_data.references.read_overrides`).
     audio : AudioConfig
-    fit : FitConfig
+    fit : FitConfig or None
+        The 3DMM fit; None: ``FitConfig()`` with contour re-assignment on for ``dlib`` only
+        (measured in ``benchmarks/bench_fidelity.py``, docs/building.md: it removes dlib's ER bias
+        on turned faces and adds one to landmarks that follow the 3-D keypoints, as the
+        synthetic worlds' and 3D-FAN's do).
     crop_sizes : tuple of int
         Sides of the stored face crops (64: GAN, 120: image->3DMM network).
     crop_scale : float
@@ -189,7 +193,7 @@ class BuildConfig:
     identities_per_shard: int = 8
     reference_overrides: str | None = None
     audio: AudioConfig = field(default_factory=AudioConfig)
-    fit: FitConfig = field(default_factory=FitConfig)
+    fit: FitConfig | None = None
     crop_sizes: tuple = (64, 120)
     crop_scale: float = 1.3
     reference_rule: ReferenceRule = field(default_factory=ReferenceRule)
@@ -200,6 +204,8 @@ class BuildConfig:
     def __post_init__(self):
         if self.detector not in ("fan", "dlib", "precomputed"):
             raise ValidationError(f"must be fan, dlib or precomputed, got {self.detector!r}", key="detector")
+        if self.fit is None:
+            object.__setattr__(self, "fit", FitConfig(contour=self.detector == "dlib"))
         if self.backend not in ("loky", "dask"):
             raise ValidationError(f"must be loky or dask, got {self.backend!r}", key="backend")
         if int(self.workers) < 1:

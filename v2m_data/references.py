@@ -48,6 +48,7 @@ an override naming an unknown identity or image is recorded as a failure and the
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -387,9 +388,9 @@ def build_references(
     failures = list(notes)
     idfit = getattr(split, "identity_fit", {}) or {}
     use_label = rule.mode == "identity"
-    if use_label and "shape" not in idfit:
+    if use_label and "shape" not in idfit:  # shards written without labels: the single-image rule
         use_label = False
-        failures.append({"stage": "reference", "identity": "", "item": "", "reason": "the shards hold no identity labels; single-image references used"})
+        rule = dataclasses.replace(rule, mode="image")
     label_rows: dict = {}
     if use_label:
         in_label = np.asarray(fit.get("in_identity_label", np.zeros(m, bool)), bool) if m else np.zeros(0, bool)
@@ -408,8 +409,8 @@ def build_references(
             keep.append(n)
     rows = choice.row[keep]
     chosen = []
-    ref_shape = np.asarray(sh[rows], np.float64).reshape(len(keep), -1)
-    ref_expr = np.asarray(ex[rows], np.float64).reshape(len(keep), -1)
+    ref_shape = np.asarray(sh, np.float64)[rows].reshape(len(keep), np.shape(sh)[1])
+    ref_expr = np.asarray(ex, np.float64)[rows].reshape(len(keep), np.shape(ex)[1])
     source = [str(paths[r]) for r in rows]
     resid = np.asarray(fit["residual"][rows], np.float64) if len(keep) else np.zeros(0)
     how = [choice.how[n] for n in keep]
