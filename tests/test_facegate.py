@@ -254,3 +254,34 @@ def test_header_size_of_jpeg_and_png_without_decoding():
         data = cv2.imencode(ext, img)[1].tobytes()
         assert image_size_from_header(data) == (53, 37), ext
     assert image_size_from_header(b"not an image") is None
+
+
+def test_dlib_build_of_a_real_layout_world_refuses_the_faceless_image(bfm, bfm_dir, dlib_detector, tmp_path):
+    """A BFM-rendered world in the real layouts plus one gradient picture with an annotation line:
+    the dlib build records it as 'no face in the annotated box' and never fits or uses it."""
+    import cv2
+    import json
+
+    from test_pipeline import quiet
+    from v2m_data.pipeline import BuildConfig, build
+    from v2m_data.shards import open_dataset
+    from v2m_data.synth import make_world
+
+    root = tmp_path / "w"
+    summary = make_world(root, 4, 2, bfm, images_per_identity=2, videos_per_identity=1, utterances_per_video=1,
+                         duration=(1.0, 1.2), image_size=128, progress=False)
+    name = summary.names[0]
+    cv2.imwrite(str(root / "vggface" / "images" / name / "00000099.jpg"), made_up_images(128)["gradient"])
+    ann = root / "vggface" / "files" / f"{name}.txt"
+    ann.write_text(ann.read_text() + "00000099 http://example.invalid/x.jpg 30.00 30.00 98.00 98.00 3.00 4.000 1\n")
+    out = tmp_path / "out"
+    build(BuildConfig(voxceleb=str(root), vggface=str(root / "vggface"), out=str(out), bfm=str(bfm_dir),
+                      detector="dlib", progress=False), log=quiet)
+    man = json.loads((out / "manifest.json").read_text())
+    bad = [f for f in man["failures"] if f["item"].endswith("00000099.jpg")]
+    assert len(bad) == 1 and bad[0]["stage"] == "face" and bad[0]["reason"].startswith("no face in the annotated box")
+    assert man["counts"]["images_ok"] == 8  # every rendered face kept
+    ds = open_dataset(out)
+    for split in ds.splits:
+        assert not any(str(p).endswith("00000099.jpg") for p in ds.split(split).images["path"])
+    assert not any("00000099" in json.dumps(c) for c in man["references"]["chosen"])
