@@ -10,7 +10,7 @@ Output folder ``OUT/``
     OUT/shards/test-00000.h5 ...     one shard per group of test identities (v2m_data.shards)
     OUT/shards/train-00000.h5 ...    the same for train identities
     OUT/references.h5                one reference fit per test identity (v2m_data.references)
-    OUT/manifest.json                inputs, tool versions, parameters, counts, every failure
+    OUT/manifest.json                inputs, tool versions, parameters, counts, quality, every failure
     OUT/jobs/job-IIIII-of-NNNNN.json shard-array mode only: each job's plan and report
     OUT/.lock                        present while a build runs (fcntl.flock; names the holder)
 
@@ -23,9 +23,11 @@ Stages
    audio features of every utterance (load, VAD, log-mel, normalise: :mod:`v2m_data.audio`), face
    landmarks of every image through the detector interface (:mod:`v2m_data.landmarks`; the
    VGGFace box is given when annotated), face crops, one batched 3DMM fit of all the shard's
-   images (:func:`v2m_data.fitting.fit_landmarks`), one atomic shard file;
+   images (:func:`v2m_data.fitting.fit_landmarks`), the identity labels
+   (:func:`v2m_data.labels.identity_labels`), one atomic shard file; every image first passes the
+   face gate (:mod:`v2m_data.facegate`);
 4. references: :func:`v2m_data.references.build_references` over the test shards;
-5. manifest.
+5. manifest, with the label-quality audit (:func:`v2m_data.audit.label_quality`).
 
 Determinism, resume, faults
 ---------------------------
