@@ -444,7 +444,7 @@ def test_real_bfm_build_recovers_the_rendered_poses(bfm, bfm_dir, tmp_path):
         assert any(abs(te.fit["pose"][k, 0]) <= 15 and abs(te.fit["pose"][k, 1]) <= 15 for k in ks)
     # the references recover the true faces within a stated tolerance: after the best isotropic
     # scale and translation (weak perspective leaves the face's overall size to the prior; ARE is
-    # scale-free), the RMS vertex error is below 2 % of the keypoint width (observed 1.3-1.4 %)
+    # scale-free), the RMS vertex error is below 2 % of the keypoint width (observed 1.2 %)
     # and below the mean face's (1.6-2.2 %)
     from v2m_bench import read_references
 
