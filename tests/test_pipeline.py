@@ -445,7 +445,7 @@ def test_real_bfm_build_recovers_the_rendered_poses(bfm, bfm_dir, tmp_path):
     # the references recover the true faces within a stated tolerance: after the best isotropic
     # scale and translation (weak perspective leaves the face's overall size to the prior; ARE is
     # scale-free), the RMS vertex error is below 2 % of the keypoint width (observed 1.2 %)
-    # and below the mean face's (1.6-2.2 %)
+    # and below the mean face's (1.9 %)
     from v2m_bench import read_references
 
     refs = read_references(out / "references.h5", n_vertices=bfm.n_vertices)
