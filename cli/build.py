@@ -6,6 +6,7 @@
     v2m-build-dataset merge --out OUT                                       # finish a shard array
     v2m-build-dataset synth --out OUT --identities N                        # a synthetic world
     v2m-build-dataset fetch-vggface --annotations DIR --out DIR [options]   # download VGGFace
+    v2m-build-dataset audit BUILD [--truth WORLD/truth.h5] [--out DIR]      # label quality
 
 Exit status: 0 when the build finished (per-item failures are recorded in OUT/manifest.json, not
 fatal); 2 with a one-line ``error: ...`` for fatal input errors (missing folders, unreadable
@@ -70,11 +71,16 @@ def _options(values) -> tuple:
 @click.option("--num-shards", type=click.IntRange(min=1), default=1, show_default=True,
               help="Jobs in the array (>1: write only this job's shards; finish with `merge OUT`).")
 @click.option("--reference-overrides", metavar="FILE", help="CSV (identity,image) or JSON {identity: image} of hand-picked references.")
+@click.option("--reference-rule", type=click.Choice(["identity", "image"]), default="identity", show_default=True,
+              help="References: each identity's label (aggregate of its fits, neutral expression) or one picked image's fit.")
+@click.option("--face-confirm", type=click.Choice(["auto", "dlib", "none"]), default="auto", show_default=True,
+              help="Face gate: confirm a face in each annotated box with the detector's own evidence, dlib's HOG detector, or not.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: only on a terminal).")
 @click.pass_context
 @user_errors
 def main(ctx, voxceleb, vggface, vox_meta, vggface_annotations, out, bfm, detector, detector_option, device, workers,
-         backend, scheduler, limit_identities, identities_per_shard, shard_index, num_shards, reference_overrides, progress):
+         backend, scheduler, limit_identities, identities_per_shard, shard_index, num_shards, reference_overrides,
+         reference_rule, face_confirm, progress):
     """Build the Voice2Mesh dataset: per-utterance voice features and per-image face landmarks,
     crops and 3DMM fits in HDF5 shards, the benchmark's references.h5 and a manifest.
 
@@ -88,7 +94,9 @@ def main(ctx, voxceleb, vggface, vox_meta, vggface_annotations, out, bfm, detect
     missing = [n for n, v in (("--voxceleb", voxceleb), ("--vggface", vggface), ("--out", out)) if not v]
     if missing:
         raise UserError(f"missing {', '.join(missing)} (or use a subcommand: merge, synth; see --help)")
+    from v2m_data.facegate import FaceGateConfig
     from v2m_data.pipeline import BuildConfig, build
+    from v2m_data.references import ReferenceRule
 
     config = BuildConfig(
         voxceleb=voxceleb,
@@ -108,6 +116,8 @@ def main(ctx, voxceleb, vggface, vox_meta, vggface_annotations, out, bfm, detect
         num_shards=num_shards,
         identities_per_shard=identities_per_shard,
         reference_overrides=reference_overrides,
+        reference_rule=ReferenceRule(mode=reference_rule),
+        face_gate=FaceGateConfig(confirm=face_confirm),
         progress=progress_enabled(progress),
     )
     result = build(config, log=lambda s: click.echo(s, err=True))
@@ -141,11 +151,13 @@ def merge(out, progress):
               help="Utterances per video.  [default: the world's]")
 @click.option("--image-size", type=click.IntRange(min=32), default=None,
               help="Side of the square images in pixels.  [default: the world's]")
+@click.option("--landmark-noise", type=click.FloatRange(0.0, 0.2), default=None,
+              help="iid Gaussian noise on the .pts landmarks, fraction of the landmark box (0.02 = 2 %; default 0).")
 @click.option("--overwrite", is_flag=True, help="Write over a previous world in --out.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: only on a terminal).")
 @user_errors
 def synth(out, n_identities, seed, bfm, images_per_identity, videos_per_identity, utterances_per_video, image_size,
-          overwrite, progress):
+          landmark_noise, overwrite, progress):
     """Write a synthetic world (VoxCeleb1 + VGGFace layout, .pts landmarks, truth.h5) into --out,
     to try the build with --voxceleb OUT --vggface OUT/vggface --detector precomputed."""
     from v2m_bench.bfm import load_bfm
@@ -158,6 +170,7 @@ def synth(out, n_identities, seed, bfm, images_per_identity, videos_per_identity
             ("videos_per_identity", videos_per_identity),
             ("utterances_per_video", utterances_per_video),
             ("image_size", image_size),
+            ("landmark_noise", landmark_noise),
         )
         if v is not None
     }
@@ -200,6 +213,67 @@ def fetch_vggface(annotations, out, vox_meta, identities_from, workers, per_host
     )
     result = do_fetch(config, log=lambda s: click.echo(s, err=True))
     click.echo(result.summary())
+
+
+@main.command()
+@click.argument("build_dir", metavar="BUILD")
+@click.option("--truth", metavar="H5", default=None, help="truth.h5 of the synthetic world OUT was built from: also report fidelity.")
+@click.option("--out", "out_dir", metavar="DIR", default=None, help="Write audit.json and audit.png here (default: print only).")
+@click.option("--bfm", metavar="DIR", default=None, help="Model (default: the one the build used, then $V2M_BFM_DIR).")
+@user_errors
+def audit(build_dir, truth, out_dir, bfm):
+    """Label-quality audit of a build: how consistent each identity's fits are (ICC over identities
+    per ARE ratio), images per identity, fit residual and pose, a plain verdict; with --truth the
+    correlation with the true faces per image, per identity and for the references."""
+    import json
+    from pathlib import Path
+
+    from v2m_bench.bfm import load_bfm
+    from v2m_bench.errors import ValidationError
+    from v2m_bench.fileio import write_text
+    from v2m_data.audit import RATIOS, audit_figure, fidelity, label_quality, verdict
+    from v2m_data.shards import open_dataset
+
+    root = Path(build_dir)
+    man_path = root / "manifest.json"
+    if not man_path.is_file():
+        raise ValidationError("no manifest.json (not a finished build folder)", path=str(root))
+    try:
+        manifest = json.loads(man_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValidationError(f"unreadable manifest ({e})", path=str(man_path)) from None
+    model = load_bfm(bfm or manifest.get("inputs", {}).get("bfm"))
+    quality = manifest.get("quality")
+    if not quality:
+        ds = open_dataset(root)
+        quality = label_quality([ds.split(s) for s in ds.splits], model)
+    icc = quality["icc"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    ipi = quality["images_per_identity"]
+    click.echo(f"build: {root}  detector: {manifest.get('parameters', {}).get('detector')}")
+    click.echo("ICC(1) over identities: " + ", ".join(f"{k} {fmt(icc.get(k))}" for k in (*RATIOS, "shape")))
+    click.echo(
+        f"fits: {quality['n_fits']}; identities with fits {ipi['identities_with_fits']}, without {ipi['identities_without_fits']}; "
+        f"fits per identity min {ipi['min']} median {ipi['median']:g} max {ipi['max']}"
+    )
+    for k in ("residual_normalized", "yaw", "pitch"):
+        q = quality[k]
+        click.echo(f"{k}: p5 {fmt(q['p5'])}  median {fmt(q['p50'])}  p95 {fmt(q['p95'])}")
+    click.echo(f"verdict: {verdict(quality)}")
+    fid = None
+    if truth:
+        fid = fidelity(root, truth, model)
+        for lev in ("per_image", "per_identity", "references", "mean_face"):
+            if lev not in fid:
+                continue
+            b = fid[lev]
+            corr = ", ".join(f"{k} {fmt(b['corr'][k])}" for k in RATIOS) if "corr" in b else ""
+            click.echo(f"fidelity {lev} (n={b['n']}): ARE vs truth median {fmt(b['are_median'])}" + (f"; correlation {corr}" if corr else ""))
+    if out_dir:
+        d = Path(out_dir)
+        write_text(d / "audit.json", json.dumps({"quality": quality, "verdict": verdict(quality), "fidelity": fid}, indent=1) + "\n")
+        audit_figure(quality, d / "audit.png", fid=fid, title=str(root.name))
+        click.echo(f"wrote {d / 'audit.json'} and {d / 'audit.png'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -205,6 +205,8 @@ def voice_encoder(ctx, **params):
 @click.option("--target", type=click.Choice(["median", "reference"]), default="median", show_default=True,
               help="Identity target: median of its frontal fits, or the fit the reference rule picks.")
 @click.option("--target-fallback", is_flag=True, help="Identities without frontal fits use all their valid fits.")
+@click.option("--targets", type=click.Choice(["image", "identity"]), default="image", show_default=True,
+              help="image: targets from the per-image fits (--target; the paper's); identity: the build's identity labels.")
 @click.option("--expression-weight", type=float, default=1.0, show_default=True, help="Loss weight of the expression terms.")
 @click.option("--shuffle-pairs", is_flag=True, help="Control experiment: break the voice/target pairing (see --shuffle-mode).")
 @click.option("--shuffle-mode", type=click.Choice(["fixed", "iteration"]), default="fixed", show_default=True,

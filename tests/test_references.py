@@ -167,3 +167,31 @@ def test_bad_gender_and_nothing_to_write(tmp_path):
     res = build_references(s, tmp_path / "none.h5", SIG, TAU)
     assert not res["written"] and not (tmp_path / "none.h5").exists()
     assert len(res["failures"]) == 3
+
+
+def test_identity_references_use_the_label_and_record_identities_without_frontal_images(tmp_path):
+    from v2m_data.labels import identity_labels
+
+    sp = _split()
+    f = sp.fit
+    lab = identity_labels(sp.images["identity"], f["shape"], f["expression"], f["pose"], f["residual_normalized"], 3)
+    sp.fit = {**f, "in_identity_label": lab.pop("used")}
+    sp.identity_fit = lab
+    # identity 2 (Cleo_C) has fits within the label's limits (|yaw| <= 30) but none frontal
+    assert lab["n_images"].tolist() == [3, 3, 1]  # A/2 turned 40 deg away, A/4 badly fitted
+    out = tmp_path / "references.h5"
+    res = build_references(sp, out, SIG, TAU)
+    refs = read_references(out)
+    assert list(refs.identity) == ["Anna_A", "Bert_B"]
+    np.testing.assert_allclose(refs.shape[0], lab["shape"][0], rtol=1e-6)
+    np.testing.assert_array_equal(refs.expression, 0.0)
+    assert refs.source_image[0] == "A/0.jpg;A/1.jpg;A/3.jpg"
+    np.testing.assert_allclose(refs.fit_residual[0], np.mean([1.0, 1.0, 2.0]), rtol=1e-5)
+    assert res["chosen"][0] == {"identity": "Anna_A", "images": ["A/0.jpg", "A/1.jpg", "A/3.jpg"], "how": "identity"}
+    miss = [x for x in res["failures"] if x["identity"] == "Cleo_C"]
+    assert len(miss) == 1 and "no frontal well-fitted image" in miss[0]["reason"]
+    with h5py.File(out) as h:
+        assert "rule v2 (identity)" in h.attrs["selection_rule"]
+    # an override still takes that image's fit
+    res2 = build_references(sp, tmp_path / "r2.h5", SIG, TAU, overrides={"Anna_A": "A/4.jpg"})
+    assert res2["chosen"][0] == {"identity": "Anna_A", "image": "A/4.jpg", "how": "override"}

@@ -25,6 +25,8 @@ from v2m_bench.errors import ValidationError
 __all__ = [
     "load_image",
     "decode_image",
+    "image_size_from_header",
+    "ImageTooLargeError",
     "read_pts",
     "write_pts",
     "read_vggface_annotations",
@@ -46,7 +48,78 @@ FRONTAL_POSE_MIN = 2.0
 # images
 
 
-def decode_image(data: bytes, *, source: str = "<bytes>", apply_exif_orientation: bool = False) -> np.ndarray:
+class ImageTooLargeError(ValidationError):
+    """An image has more pixels than the limit it is read with (a decompression bomb, or simply
+    too large to be a face photo)."""
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from the first SOF marker of a JPEG stream, or None."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        seg = int.from_bytes(data[i + 2 : i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if i + 9 > n:
+                return None
+            h = int.from_bytes(data[i + 5 : i + 7], "big")
+            w = int.from_bytes(data[i + 7 : i + 9], "big")
+            return w, h
+        if seg < 2:
+            return None
+        i += 2 + seg
+    return None
+
+
+def image_size_from_header(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` of an encoded image read from its header, without decoding the pixels.
+
+    PNG (``IHDR``) and JPEG (the first start-of-frame marker) are parsed here; other formats
+    through Pillow's lazy ``Image.open`` when Pillow is installed.
+
+    Parameters
+    ----------
+    data : bytes
+        The encoded file content.
+
+    Returns
+    -------
+    (int, int) or None
+        ``None`` when the header cannot be parsed (the caller then checks the size after
+        decoding).
+    """
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:2] == b"\xff\xd8":
+        return _jpeg_size(data)
+    try:
+        import io
+        import warnings
+
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow comes with matplotlib
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+    except Exception:  # noqa: BLE001 - any parse failure (incl. Pillow's own bomb refusal): decide after decoding
+        return None
+    return int(w), int(h)
+
+
+def decode_image(
+    data: bytes, *, source: str = "<bytes>", apply_exif_orientation: bool = False, max_pixels: int | None = None
+) -> np.ndarray:
     """Decode an encoded image (JPEG, PNG, PPM, BMP, ...) to RGB.
 
     Parameters
@@ -58,6 +131,9 @@ def decode_image(data: bytes, *, source: str = "<bytes>", apply_exif_orientation
     apply_exif_orientation : bool
         Rotate the pixels as the EXIF orientation tag says. Off by default: box and landmark
         annotations (VGGFace, 300W) refer to the stored pixel grid.
+    max_pixels : int, optional
+        Refuse images with more pixels than this (width x height), checked on the header before
+        decoding when the header can be parsed (:func:`image_size_from_header`), else after.
 
     Returns
     -------
@@ -66,6 +142,8 @@ def decode_image(data: bytes, *, source: str = "<bytes>", apply_exif_orientation
 
     Raises
     ------
+    ImageTooLargeError
+        When the image has more than ``max_pixels`` pixels.
     ValidationError
         When ``data`` is empty or is not a decodable image.
     """
@@ -73,6 +151,12 @@ def decode_image(data: bytes, *, source: str = "<bytes>", apply_exif_orientation
 
     if len(data) == 0:
         raise ValidationError("empty file, not an image", path=source)
+    if max_pixels is not None:
+        wh = image_size_from_header(data)
+        if wh is not None and wh[0] * wh[1] > int(max_pixels):
+            raise ImageTooLargeError(
+                f"image too large: {wh[0]}x{wh[1]} = {wh[0] * wh[1]} pixels > limit {int(max_pixels)} (not decoded)", path=source
+            )
     flags = cv2.IMREAD_COLOR
     if not apply_exif_orientation:
         flags |= cv2.IMREAD_IGNORE_ORIENTATION
@@ -83,12 +167,17 @@ def decode_image(data: bytes, *, source: str = "<bytes>", apply_exif_orientation
         raise ValidationError(f"not a readable image ({str(exc).strip().splitlines()[-1]})", path=source) from None
     if bgr is None or bgr.size == 0:
         raise ValidationError("not a readable image (corrupt, truncated or unsupported format)", path=source)
+    if max_pixels is not None and bgr.shape[0] * bgr.shape[1] > int(max_pixels):
+        raise ImageTooLargeError(
+            f"image too large: {bgr.shape[1]}x{bgr.shape[0]} = {bgr.shape[0] * bgr.shape[1]} pixels > limit {int(max_pixels)}",
+            path=source,
+        )
     if bgr.ndim == 2:  # defensive: IMREAD_COLOR always gives 3 channels
         bgr = cv2.cvtColor(bgr, cv2.COLOR_GRAY2BGR)
     return np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
 
 
-def load_image(path: str | os.PathLike, *, apply_exif_orientation: bool = False) -> np.ndarray:
+def load_image(path: str | os.PathLike, *, apply_exif_orientation: bool = False, max_pixels: int | None = None) -> np.ndarray:
     """Read an image file as RGB ``uint8``.
 
     The bytes are read by Python and decoded with ``cv2.imdecode``, so paths that ``cv2.imread``
@@ -100,6 +189,8 @@ def load_image(path: str | os.PathLike, *, apply_exif_orientation: bool = False)
         The image file (any format OpenCV decodes: JPEG, PNG, PPM/PGM, BMP, TIFF, WebP, ...).
     apply_exif_orientation : bool
         See :func:`decode_image` (off by default).
+    max_pixels : int, optional
+        See :func:`decode_image`.
 
     Returns
     -------
@@ -120,7 +211,7 @@ def load_image(path: str | os.PathLike, *, apply_exif_orientation: bool = False)
         data = p.read_bytes()
     except OSError as exc:
         raise ValidationError(f"cannot read image file ({exc.strerror or exc})", path=str(p)) from None
-    return decode_image(data, source=str(p), apply_exif_orientation=apply_exif_orientation)
+    return decode_image(data, source=str(p), apply_exif_orientation=apply_exif_orientation, max_pixels=max_pixels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +322,7 @@ def write_pts(path: str | os.PathLike, points: np.ndarray) -> None:
 # VGGFace annotation lists
 
 
-def read_vggface_annotations(path: str | os.PathLike):
+def read_vggface_annotations(path: str | os.PathLike, *, bad_lines: list | None = None):
     """Read a VGGFace (v1) identity file ``files/<Name>.txt``.
 
     Each line is ``id url left top right bottom pose detection_score curation``.
@@ -240,6 +331,9 @@ def read_vggface_annotations(path: str | os.PathLike):
     ----------
     path : str or os.PathLike
         The annotation file.
+    bad_lines : list, optional
+        When given, a malformed line (wrong field count, a field that is not a finite number) is
+        skipped and appended here as ``(line number, id or "", reason)`` instead of raising.
 
     Returns
     -------
@@ -252,7 +346,8 @@ def read_vggface_annotations(path: str | os.PathLike):
     Raises
     ------
     ValidationError
-        Naming the file and line when a line does not have the nine fields or a number is bad.
+        Naming the file and line when a line does not have the nine fields or a number is bad or
+        not finite (unless ``bad_lines`` is given).
     """
     import pandas as pd
 
@@ -268,15 +363,23 @@ def read_vggface_annotations(path: str | os.PathLike):
         parts = line.split()
         if not parts:
             continue
+        why = None
         if len(parts) != len(VGGFACE_COLUMNS):
-            raise ValidationError(
-                f"line {lineno}: expected {len(VGGFACE_COLUMNS)} fields ({' '.join(VGGFACE_COLUMNS)}), got {len(parts)}",
-                path=str(p),
-            )
-        try:
-            values = [parts[0], parts[1], *(float(v) for v in parts[2:8]), int(float(parts[8]))]
-        except ValueError:
-            raise ValidationError(f"line {lineno}: a numeric field is not a number: {line[:80]!r}", path=str(p)) from None
+            why = f"expected {len(VGGFACE_COLUMNS)} fields ({' '.join(VGGFACE_COLUMNS)}), got {len(parts)}"
+        else:
+            try:
+                nums = [float(v) for v in parts[2:9]]
+                if not all(np.isfinite(nums)):
+                    why = f"a numeric field is not finite: {line[:80]!r}"
+                else:
+                    values = [parts[0], parts[1], *nums[:6], int(nums[6])]
+            except ValueError:
+                why = f"a numeric field is not a number: {line[:80]!r}"
+        if why is not None:
+            if bad_lines is None:
+                raise ValidationError(f"line {lineno}: {why}", path=str(p))
+            bad_lines.append((lineno, parts[0] if parts else "", why))
+            continue
         for c, v in zip(VGGFACE_COLUMNS, values):
             cols[c].append(v)
     df = pd.DataFrame(

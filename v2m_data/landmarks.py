@@ -82,11 +82,15 @@ class Detection:
         Why ``points`` is ``None`` (``None`` on success).
     box : numpy.ndarray or None
         ``(4,)`` float64 box the landmarks were computed in (given or detected).
+    confidence : float or None
+        The landmark model's own confidence that a face is there, when it has one (``fan``: the
+        mean of the 68 heatmap maxima, in [0, 1]); ``None`` otherwise.
     """
 
     points: np.ndarray | None
     reason: str | None = None
     box: np.ndarray | None = None
+    confidence: float | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,6 +380,24 @@ class LandmarkDetector(abc.ABC):
             bar.close()
         return out
 
+    def face_overlap(self, image: np.ndarray, box, config) -> float | None:
+        """How well this backend's own face detector confirms a face in an annotated box.
+
+        Parameters
+        ----------
+        image : (H, W, 3) uint8
+        box : (4,) array_like
+            ``(left, top, right, bottom)``.
+        config : v2m_data.facegate.FaceGateConfig
+
+        Returns
+        -------
+        float or None
+            Best intersection-over-union of a detected face with the box (0: none found);
+            ``None`` when the backend has no face detector to ask (the default).
+        """
+        return None
+
     @abc.abstractmethod
     def _detect_batch(self, images: list, boxes: list[np.ndarray | None]) -> list[Detection]:
         """Detect on checked inputs: RGB arrays (or the raw items when ``needs_pixels`` is False)."""
@@ -459,15 +481,19 @@ class FanDetector(LandmarkDetector):
                 box = arr[_select(arr[:, :4], scores, self.config.select), :4]
             with _w.catch_warnings():
                 _w.simplefilter("ignore")
-                res = self._fa.get_landmarks_from_image(img, detected_faces=[np.asarray(box, dtype=np.float64)])
-            if not res:
+                res = self._fa.get_landmarks_from_image(
+                    img, detected_faces=[np.asarray(box, dtype=np.float64)], return_landmark_score=True
+                )
+            lms, scores = (res[0], res[1]) if isinstance(res, tuple) else (res, None)
+            if not lms:
                 out.append(Detection(None, "face-alignment returned no landmarks", np.asarray(box)))
                 continue
-            pts = np.asarray(res[0], dtype=np.float32).reshape(N_LANDMARKS, 3)
+            pts = np.asarray(lms[0], dtype=np.float32).reshape(N_LANDMARKS, 3)
+            conf = None if not scores else float(np.mean(np.asarray(scores[0], dtype=np.float64)))
             if not np.all(np.isfinite(pts)):
                 out.append(Detection(None, "face-alignment returned non-finite landmarks", np.asarray(box)))
                 continue
-            out.append(Detection(pts, None, np.asarray(box, dtype=np.float64)))
+            out.append(Detection(pts, None, np.asarray(box, dtype=np.float64), conf))
         return out
 
 
@@ -507,6 +533,12 @@ class DlibDetector(LandmarkDetector):
             raise ValidationError(f"not a dlib shape-predictor file ({exc})", path=str(path)) from None
         self._detector = dlib.get_frontal_face_detector()
         self._dlib = dlib
+
+    def face_overlap(self, image, box, config):
+        """dlib's HOG face detector on a margin around the box (:func:`v2m_data.facegate.dlib_face_overlap`)."""
+        from .facegate import dlib_face_overlap
+
+        return dlib_face_overlap(self._detector, np.asarray(image), box, config)
 
     def _detect_batch(self, images, boxes):
         dlib = self._dlib

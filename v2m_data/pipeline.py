@@ -10,7 +10,7 @@ Output folder ``OUT/``
     OUT/shards/test-00000.h5 ...     one shard per group of test identities (v2m_data.shards)
     OUT/shards/train-00000.h5 ...    the same for train identities
     OUT/references.h5                one reference fit per test identity (v2m_data.references)
-    OUT/manifest.json                inputs, tool versions, parameters, counts, every failure
+    OUT/manifest.json                inputs, tool versions, parameters, counts, quality, every failure
     OUT/jobs/job-IIIII-of-NNNNN.json shard-array mode only: each job's plan and report
     OUT/.lock                        present while a build runs (fcntl.flock; names the holder)
 
@@ -23,9 +23,11 @@ Stages
    audio features of every utterance (load, VAD, log-mel, normalise: :mod:`v2m_data.audio`), face
    landmarks of every image through the detector interface (:mod:`v2m_data.landmarks`; the
    VGGFace box is given when annotated), face crops, one batched 3DMM fit of all the shard's
-   images (:func:`v2m_data.fitting.fit_landmarks`), one atomic shard file;
+   images (:func:`v2m_data.fitting.fit_landmarks`), the identity labels
+   (:func:`v2m_data.labels.identity_labels`), one atomic shard file; every image first passes the
+   face gate (:mod:`v2m_data.facegate`);
 4. references: :func:`v2m_data.references.build_references` over the test shards;
-5. manifest.
+5. manifest, with the label-quality audit (:func:`v2m_data.audit.label_quality`).
 
 Determinism, resume, faults
 ---------------------------
@@ -36,8 +38,9 @@ so the same inputs give the same bytes (loky, dask, shard arrays, a resumed buil
 Execution settings (workers, backend, scheduler, job array) are not recorded in the files. A
 rerun skips every shard whose file exists with the planned fingerprint; a killed build leaves at
 most temporary ``.*.tmp`` files, removed by the next run. A per-item problem (undecodable or
-empty audio, no speech, an unreadable image, no face or landmarks, non-finite landmarks, a
-diverging fit) is recorded with its reason in the shard's report and the manifest, and the build
+empty audio, no speech, an unreadable image, an unusable annotation line, an image the face gate
+refuses (:mod:`v2m_data.facegate`: too small or too large, a box outside the image or degenerate,
+no face in the annotated box), no landmarks, non-finite landmarks, a diverging fit) is recorded with its reason in the shard's report and the manifest, and the build
 goes on; only bad inputs as a whole (missing folders, unreadable metadata, no model, a busy OUT)
 are fatal (:class:`~v2m_bench.errors.V2MError`).
 
@@ -73,6 +76,8 @@ import numpy as np
 from v2m_bench.errors import V2MError, ValidationError
 
 from .audio import AudioConfig, load_audio, log_mel, mel_filterbank, normalise, vad_trim
+from .facegate import FACE_STAGE, FaceGateConfig
+from .labels import LabelRule
 from .fitting import FitConfig
 from .identities import (
     Identity,
@@ -110,7 +115,7 @@ MANIFEST_FORMAT = "v2m-dataset-manifest"
 MANIFEST_VERSION = 1
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".m4a", ".mp3")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp")
-_STAGES = ("identity", "audio", "image", "landmarks", "crop", "fit", "reference")
+_STAGES = ("identity", "audio", "image", "face", "landmarks", "crop", "fit", "reference")
 
 
 # -------------------------------------------------------------------------------------- config
@@ -153,13 +158,21 @@ class BuildConfig:
     reference_overrides : str, optional
         CSV/JSON identity -> image file (:func:`v2m_data.references.read_overrides`).
     audio : AudioConfig
-    fit : FitConfig
+    fit : FitConfig or None
+        The 3DMM fit; None: ``FitConfig()`` with contour re-assignment on for ``dlib`` only
+        (measured in ``benchmarks/bench_fidelity.py``, docs/building.md: it removes dlib's ER bias
+        on turned faces and adds one to landmarks that follow the 3-D keypoints, as the
+        synthetic worlds' and 3D-FAN's do).
     crop_sizes : tuple of int
         Sides of the stored face crops (64: GAN, 120: image->3DMM network).
     crop_scale : float
         Side of the crop square relative to the inner-landmark box
         (:func:`v2m_data.landmarks.detector_box_from_landmarks`).
     reference_rule : ReferenceRule
+    face_gate : FaceGateConfig
+        When an image counts as a face (:mod:`v2m_data.facegate`).
+    identity_label : LabelRule
+        Which fits make each identity's label and the estimator (:mod:`v2m_data.labels`).
     progress : bool or None
         Progress bars (None: when stderr is a terminal).
     """
@@ -182,15 +195,19 @@ class BuildConfig:
     identities_per_shard: int = 8
     reference_overrides: str | None = None
     audio: AudioConfig = field(default_factory=AudioConfig)
-    fit: FitConfig = field(default_factory=FitConfig)
+    fit: FitConfig | None = None
     crop_sizes: tuple = (64, 120)
     crop_scale: float = 1.3
     reference_rule: ReferenceRule = field(default_factory=ReferenceRule)
+    face_gate: FaceGateConfig = field(default_factory=FaceGateConfig)
+    identity_label: LabelRule = field(default_factory=LabelRule)
     progress: bool | None = None
 
     def __post_init__(self):
         if self.detector not in ("fan", "dlib", "precomputed"):
             raise ValidationError(f"must be fan, dlib or precomputed, got {self.detector!r}", key="detector")
+        if self.fit is None:
+            object.__setattr__(self, "fit", FitConfig(contour=self.detector == "dlib"))
         if self.backend not in ("loky", "dask"):
             raise ValidationError(f"must be loky or dask, got {self.backend!r}", key="backend")
         if int(self.workers) < 1:
@@ -259,6 +276,10 @@ class BuildResult:
         if self.manifest is not None:
             r = self.manifest.get("references", {})
             lines.append(f"references: {r.get('n_references', 0)} test identities -> {r.get('file') or 'none written'}")
+            if self.manifest.get("quality"):
+                from .audit import verdict
+
+                lines.append(f"label quality: {verdict(self.manifest['quality'])} (v2m-build-dataset audit OUT)")
         if self.timings:
             lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
         return "\n".join(lines)
@@ -417,17 +438,21 @@ def scan_identity(ident: Identity, wav_root: Path, images_root: Path, annotation
     else:
         notes.append(_fail("identity", ident, "", f"no voice folder {ident.vox_id}/ under the VoxCeleb wav folder"))
     boxes: dict = {}
+    bad_ids: dict = {}
     if annotations is not None:
         ann = annotations / f"{validate_component(ident.name, 'VGGFace1 ID')}.txt"
         if ann.is_file():
             from .images import read_vggface_annotations
 
+            bad_lines: list = []
             try:
-                df = read_vggface_annotations(ann)
+                df = read_vggface_annotations(ann, bad_lines=bad_lines)
                 for rid, l, t, r, b, pose in zip(df["id"], df["left"], df["top"], df["right"], df["bottom"], df["pose"]):
                     boxes[str(rid)] = ((float(l), float(t), float(r), float(b)), float(pose))
             except ValidationError as e:
                 notes.append(_fail("identity", ident, f"{ident.name}.txt", f"annotation file unusable, faces detected without boxes: {_short(e, ann)}"))
+            for lineno, rid, why in bad_lines:
+                bad_ids[str(rid)] = f"annotation line {lineno} of {ident.name}.txt unusable ({why}); image not used"
     images = []
     idir = images_root / validate_component(ident.name, "VGGFace1 ID")
     seen = set()
@@ -438,11 +463,17 @@ def scan_identity(ident: Identity, wav_root: Path, images_root: Path, annotation
                 continue
             stem = Path(f).stem
             seen.add(stem)
+            if stem in bad_ids and stem not in boxes:
+                notes.append(_fail("image", ident, f"{ident.name}/{f}", bad_ids[stem]))
+                continue
             box, pose = boxes.get(stem, (None, None))
             images.append((f"{ident.name}/{f}", stem, p.stat().st_size, box, pose))
     else:
         notes.append(_fail("identity", ident, "", f"no image folder {ident.name}/ under the VGGFace image folder"))
     missing = sum(1 for k in boxes if k not in seen)
+    for rid, why in sorted(bad_ids.items()):
+        if rid not in seen and rid not in boxes:
+            notes.append(_fail("identity", ident, f"{ident.name}.txt", why.replace("; image not used", "")))
     return IdentityFiles(tuple(utts), tuple(images), tuple(notes), missing)
 
 
@@ -483,6 +514,8 @@ class ShardTask:
     fit: FitConfig
     crop_sizes: tuple
     crop_scale: float
+    face_gate: FaceGateConfig = field(default_factory=FaceGateConfig)
+    identity_label: LabelRule = field(default_factory=LabelRule)
     progress: bool = False
 
 
@@ -505,6 +538,22 @@ def _resources(detector: str, device: str, options: tuple, bfm_path: str, fit: F
 
         entry["detector"] = make_detector(detector, device, **dict(options))
     return entry
+
+
+def _confirmer(detector, gate: FaceGateConfig):
+    """``(image, box) -> overlap or None``: the face detector that confirms annotated boxes."""
+    if gate.confirm == "none":
+        return lambda image, box: None
+    if gate.confirm == "auto" or detector.name == "dlib":
+        return lambda image, box: detector.face_overlap(image, box, gate)
+    try:
+        import dlib
+    except ImportError:
+        raise V2MError("face_gate.confirm='dlib' needs dlib: pip install dlib-bin") from None
+    from .facegate import dlib_face_overlap
+
+    hog = dlib.get_frontal_face_detector()
+    return lambda image, box: dlib_face_overlap(hog, image, box, gate)
 
 
 def _bar(total: int, desc: str, enabled: bool, unit: str = "it"):
@@ -564,9 +613,19 @@ def process_utterances(ident_files: Sequence, wav_root: Path, config: AudioConfi
 
 
 def process_images(
-    ident_files: Sequence, images_root: Path, detector, crop_sizes: Sequence[int], crop_scale: float, *, progress: bool = False
+    ident_files: Sequence,
+    images_root: Path,
+    detector,
+    crop_sizes: Sequence[int],
+    crop_scale: float,
+    *,
+    gate: FaceGateConfig | None = None,
+    progress: bool = False,
 ) -> tuple:
-    """Landmarks and crops of every image (images are decoded one identity at a time).
+    """Face gate, landmarks and crops of every image (images are decoded one identity at a time).
+
+    Every image passes the face gate (:mod:`v2m_data.facegate`, ``gate``; default thresholds when
+    None); an image that fails it is a failure of stage ``"face"`` and is not returned.
 
     Returns
     -------
@@ -574,9 +633,12 @@ def process_images(
         ``records``: dicts ``row, path, image_id, box, pose, landmarks ((68, 2|3) float32),
         crop_box, crops {size: (S, S, 3) uint8}``.
     """
-    from .images import crop_face, load_image
+    from .facegate import check_box, check_crop, check_image_size
+    from .images import ImageTooLargeError, crop_face, load_image
     from .landmarks import detector_box_from_landmarks
 
+    gate = gate or FaceGateConfig()
+    confirm = _confirmer(detector, gate)
     records, failures = [], []
     total = sum(len(f.images) for _, f, _ in ident_files)
     with _bar(total, f"landmarks ({detector.name})", progress, "img") as bar:
@@ -585,11 +647,31 @@ def process_images(
             for rel, image_id, _size, box, pose in files.images:
                 path = images_root / rel
                 try:
-                    pixels.append(load_image(path))
-                    items.append((rel, image_id, box, pose, path))
+                    px = load_image(path, max_pixels=int(gate.max_pixels))
+                except ImageTooLargeError as e:
+                    failures.append(_fail(FACE_STAGE, ident, rel, _short(e, path, images_root)))
+                    bar.update(1)
+                    continue
                 except ValidationError as e:
                     failures.append(_fail("image", ident, rel, _short(e, path, images_root)))
                     bar.update(1)
+                    continue
+                why = check_image_size(px.shape[0], px.shape[1], gate)
+                if why is None and box is not None:
+                    why = check_box(box, px.shape[0], px.shape[1], gate)
+                    if why is None:
+                        overlap = confirm(px, box)
+                        if overlap is not None and overlap < float(gate.min_overlap):
+                            why = (
+                                f"no face in the annotated box (face detector: best overlap {overlap:.2f} < "
+                                f"{float(gate.min_overlap):g})"
+                            )
+                if why is not None:
+                    failures.append(_fail(FACE_STAGE, ident, rel, why))
+                    bar.update(1)
+                    continue
+                pixels.append(px)
+                items.append((rel, image_id, box, pose, path))
             dets = _detect(detector, pixels, items)
             for img, (rel, image_id, box, pose, path), det in zip(pixels, items, dets):
                 bar.update(1)
@@ -600,11 +682,21 @@ def process_images(
                 if not np.all(np.isfinite(pts)):
                     failures.append(_fail("landmarks", ident, rel, "non-finite landmarks"))
                     continue
+                if det.confidence is not None and det.confidence < float(gate.min_confidence) and gate.confirm != "none":
+                    failures.append(_fail(
+                        FACE_STAGE, ident, rel,
+                        f"no face in the annotated box (landmark confidence {det.confidence:.2f} < {float(gate.min_confidence):g})",
+                    ))
+                    continue
                 try:
                     cbox = detector_box_from_landmarks(pts, crop_scale)
                     crops = {int(s): crop_face(img, cbox, int(s)) for s in crop_sizes}
                 except ValidationError as e:
                     failures.append(_fail("crop", ident, rel, f"cannot crop the face: {_short(e, path, images_root)}"))
+                    continue
+                why = check_crop(crops[max(crops)], gate)
+                if why is not None:
+                    failures.append(_fail(FACE_STAGE, ident, rel, why))
                     continue
                 used_box = box if box is not None else (None if det.box is None else tuple(float(v) for v in det.box))
                 records.append(
@@ -778,7 +870,9 @@ def build_shard(task: ShardTask) -> dict:
         timings["audio"] = time.perf_counter() - t
         t = time.perf_counter()
         if n_images_in:
-            img, f_img = process_images(ident_files, images_root, res["detector"], task.crop_sizes, task.crop_scale, progress=task.progress)
+            img, f_img = process_images(
+                ident_files, images_root, res["detector"], task.crop_sizes, task.crop_scale, gate=task.face_gate, progress=task.progress
+            )
         else:
             img, f_img = [], []
         timings["landmarks"] = time.perf_counter() - t
@@ -792,6 +886,8 @@ def build_shard(task: ShardTask) -> dict:
         else:
             fr = None
         timings["fit"] = time.perf_counter() - t
+    from .labels import identity_labels
+
     t = time.perf_counter()
     f_fit = []
     keep = []
@@ -854,6 +950,10 @@ def build_shard(task: ShardTask) -> dict:
             "residual_normalized": fr.residual_normalized[ki].astype(np.float32),
             "converged": fr.converged[ki].astype(bool),
         }
+        ident_rows = np.array([r["row"] for r in kr], np.int64)
+        labels = identity_labels(
+            ident_rows, fr.shape[ki], fr.expression[ki], fit["pose"], fit["residual_normalized"], len(idents), task.identity_label
+        )
     else:
         fit = {
             "shape": np.zeros((0, n_shape), np.float32),
@@ -866,6 +966,10 @@ def build_shard(task: ShardTask) -> dict:
             "residual_normalized": np.zeros(0, np.float32),
             "converged": np.zeros(0, bool),
         }
+        labels = identity_labels(
+            np.zeros(0, np.int64), fit["shape"], fit["expression"], fit["pose"], fit["residual"], len(idents), task.identity_label
+        )
+    fit["in_identity_label"] = labels.pop("used").astype(bool)
     counts = {
         "identities": len(idents),
         "utterances_found": sum(len(f.utterances) for f in files),
@@ -892,6 +996,11 @@ def build_shard(task: ShardTask) -> dict:
         n_mels=n_mels,
         crop_sizes=tuple(int(s) for s in task.crop_sizes),
         landmark_dims=dims,
+        identity_fit=labels,
+        identity_fit_attrs={
+            "estimator": task.identity_label.estimator,
+            "rule": json.dumps(_config_dict(task.identity_label), sort_keys=True),
+        },
     )
     write_shard(task.out_path, content)
     timings["write"] = time.perf_counter() - t
@@ -994,6 +1103,8 @@ def _parameters(config: BuildConfig, device: str) -> dict:
         "crop_sizes": [int(s) for s in config.crop_sizes],
         "crop_scale": float(config.crop_scale),
         "reference_rule": _config_dict(config.reference_rule),
+        "face_gate": _config_dict(config.face_gate),
+        "identity_label": _config_dict(config.identity_label),
     }
 
 
@@ -1184,6 +1295,8 @@ def build(config: BuildConfig, *, log: Callable[[str], None] | None = None) -> B
                         fit=config.fit,
                         crop_sizes=tuple(int(x) for x in config.crop_sizes),
                         crop_scale=float(config.crop_scale),
+                        face_gate=config.face_gate,
+                        identity_label=config.identity_label,
                         progress=progress and config.workers == 1 and config.backend == "loky",
                     )
                 )
@@ -1274,6 +1387,11 @@ def _finalize(out: Path, payload: dict, rule: ReferenceRule, overrides: dict | N
     )
     if not refs["written"]:
         refs_path.unlink(missing_ok=True)
+    from v2m_bench.bfm import load_bfm
+
+    from .audit import label_quality
+
+    quality = label_quality([ds.split(s) for s in ds.splits], load_bfm(payload["inputs"]["bfm"]))
     failures = [f for r in reports for f in r["failures"]] + refs["failures"]
     tmp = BuildResult(out=out)
     _totals(tmp, reports)
@@ -1299,6 +1417,7 @@ def _finalize(out: Path, payload: dict, rule: ReferenceRule, overrides: dict | N
             "selection_rule": refs["selection_rule"],
             "chosen": refs["chosen"],
         },
+        "quality": quality,
         "failures": failures,
     }
     atomic_write_bytes(out / "manifest.json", _dump(manifest))

@@ -3,6 +3,17 @@
 The paper picked each test identity's reference fit by hand. This module replaces that by a rule
 (and still accepts a hand-made choice through an override file).
 
+Two modes (``ReferenceRule.mode``, ``v2m-build-dataset --reference-rule``):
+
+- ``identity`` (default): the reference is the identity's label stored in the shards
+  (:mod:`v2m_data.labels`: a robust aggregate of the shape coefficients over its accepted fits)
+  with the neutral expression (expression coefficients 0, the model's reference expression).
+  Its provenance (``source_image``) names every image used, joined by ``;``; ``fit_residual`` is
+  their mean residual. It needs at least one candidate (step 1 below): **an identity without a
+  frontal, well-fitted image gets no reference** and is recorded in the manifest with that reason
+  (never silently). The label averages away most of a detector's per-image noise.
+- ``image``: one picked image's fit, by the rule below.
+
 Selection rule (``ReferenceRule`` defaults)
 -------------------------------------------
 For a test identity with valid image fits ``i`` (shape ``a_i`` (40,), expression ``b_i`` (10,),
@@ -37,6 +48,7 @@ an override naming an unknown identity or image is recorded as a failure and the
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -71,14 +83,19 @@ class ReferenceRule:
         Candidates have ``residual_normalized <= max_residual``.
     expression_weight : float
         Weight of ``d_expr`` in the score.
+    mode : {"identity", "image"}
+        The identity's label (default) or the one picked image's fit (see the module docstring).
     """
 
     max_yaw: float = 15.0
     max_pitch: float = 15.0
     max_residual: float = 0.05
     expression_weight: float = 1.0
+    mode: str = "identity"
 
     def __post_init__(self):
+        if self.mode not in ("identity", "image"):
+            raise ValidationError(f"must be 'identity' or 'image', found {self.mode!r}", key="ReferenceRule.mode")
         for k in ("max_yaw", "max_pitch", "max_residual", "expression_weight"):
             v = getattr(self, k)
             if not np.isfinite(v) or v < 0:
@@ -86,6 +103,15 @@ class ReferenceRule:
 
     def describe(self) -> str:
         """The rule as one paragraph (written as references.h5 ``selection_rule``)."""
+        if self.mode == "identity":
+            return (
+                "v2m_data.references rule v2 (identity): an identity with at least one valid fit with |yaw| <= "
+                f"{self.max_yaw:g} deg, |pitch| <= {self.max_pitch:g} deg and residual_normalized <= "
+                f"{self.max_residual:g} takes its identity label (identity_fit/shape of its shard: the "
+                "aggregate of its accepted fits, see identity_fit attributes) with expression 0; "
+                "source_image lists the images used, fit_residual is their mean residual; a manual "
+                "override file, when given, wins for the identities it names (that image's fit)."
+            )
         return (
             "v2m_data.references rule v1: among the identity's valid fits with |yaw| <= "
             f"{self.max_yaw:g} deg, |pitch| <= {self.max_pitch:g} deg and residual_normalized <= "
@@ -360,6 +386,19 @@ def build_references(
         identity, sh, ex, pose, rn, shape_std, expression_std, n_identities=n_id, paths=paths, rule=rule, overrides=resolved
     )
     failures = list(notes)
+    idfit = getattr(split, "identity_fit", {}) or {}
+    use_label = rule.mode == "identity"
+    if use_label and "shape" not in idfit:  # shards written without labels: the single-image rule
+        use_label = False
+        rule = dataclasses.replace(rule, mode="image")
+    label_rows: dict = {}
+    if use_label:
+        in_label = np.asarray(fit.get("in_identity_label", np.zeros(m, bool)), bool) if m else np.zeros(0, bool)
+        for n in range(n_id):
+            if choice.row[n] >= 0 and choice.how[n] == "rule":
+                rows = np.flatnonzero(in_label & (identity == n))
+                if len(rows) and np.isfinite(idfit["shape"][n]).all():
+                    label_rows[n] = rows
     keep = []
     for n in range(n_id):
         if choice.row[n] < 0:
@@ -369,11 +408,27 @@ def build_references(
         else:
             keep.append(n)
     rows = choice.row[keep]
-    chosen = [{"identity": str(names[n]), "image": str(paths[r]), "how": choice.how[n]} for n, r in zip(keep, rows)]
+    chosen = []
+    ref_shape = np.asarray(sh, np.float64)[rows].reshape(len(keep), np.shape(sh)[1])
+    ref_expr = np.asarray(ex, np.float64)[rows].reshape(len(keep), np.shape(ex)[1])
+    source = [str(paths[r]) for r in rows]
+    resid = np.asarray(fit["residual"][rows], np.float64) if len(keep) else np.zeros(0)
+    how = [choice.how[n] for n in keep]
+    for j, (n, r) in enumerate(zip(keep, rows)):
+        if n in label_rows:
+            used = label_rows[n]
+            ref_shape[j] = idfit["shape"][n]
+            ref_expr[j] = 0.0
+            source[j] = ";".join(str(paths[u]) for u in used)
+            resid[j] = float(np.mean(np.asarray(fit["residual"], np.float64)[used]))
+            how[j] = "identity"
+            chosen.append({"identity": str(names[n]), "images": [str(paths[u]) for u in used], "how": "identity"})
+        else:
+            chosen.append({"identity": str(names[n]), "image": str(paths[r]), "how": choice.how[n]})
     result = {
         "written": False,
         "n_references": len(keep),
-        "n_overrides": sum(1 for n in keep if choice.how[n] == "override"),
+        "n_overrides": sum(1 for h in how if h == "override"),
         "failures": failures,
         "chosen": chosen,
         "selection_rule": rule.describe(),
@@ -383,13 +438,13 @@ def build_references(
             out,
             [str(names[n]) for n in keep],
             [str(genders[n]) for n in keep],
-            shape=np.asarray(sh[rows], np.float64),
-            expression=np.asarray(ex[rows], np.float64),
-            source_image=[str(paths[r]) for r in rows],
-            fit_residual=np.asarray(fit["residual"][rows], np.float64),
+            shape=ref_shape,
+            expression=ref_expr,
+            source_image=source,
+            fit_residual=resid,
             selection_rule=rule.describe(),
             fit_residual_units=FIT_RESIDUAL_UNITS,
-            attrs={"how_chosen": ",".join(choice.how[n] for n in keep), **(attrs or {})},
+            attrs={"how_chosen": ",".join(how), **(attrs or {})},
         )
         result["written"] = True
     return result

@@ -36,7 +36,14 @@ fingerprint matches), ``n_identities``, ``n_utterances``, ``n_images``, ``n_mels
   (M, 3, 3); ``translation`` (M, 2) px; ``pose`` (M, 3) float32 degrees ``(yaw, pitch, roll)`` with
   ``R = Rz(roll) Rx(pitch) Ry(yaw)`` as :func:`v2m_bench.render.view_rotation` (yaw > 0: face
   turned towards the image right; pitch > 0: tilted up);
-  ``residual`` (M,) px mean landmark distance; ``residual_normalized`` (M,); ``converged`` (M,) bool.
+  ``residual`` (M,) px mean landmark distance; ``residual_normalized`` (M,); ``converged`` (M,) bool;
+  ``in_identity_label`` (M,) bool, the fits the identity's label below was made from.
+
+``identity_fit/`` (I,), the identity-level label (:mod:`v2m_data.labels`): ``shape`` (I, 40) and
+  ``expression`` (I, 10) float32, a robust aggregate of the identity's accepted fits (NaN rows when
+  it has none); ``shape_spread`` (I, 40) float32 per-coefficient standard deviation over those fits
+  (NaN below two); ``n_images`` (I,) int32. Attributes ``estimator`` and ``rule`` (JSON of
+  :class:`v2m_data.labels.LabelRule`).
 
 ``report``: a scalar UTF-8 string holding JSON: ``{"counts": {...}, "failures": [...]}`` -- every
 per-item failure of this shard with its reason (what ``manifest.json`` collects).
@@ -99,6 +106,8 @@ class ShardContent:
     n_mels: int
     crop_sizes: tuple
     landmark_dims: int
+    identity_fit: dict | None = None
+    identity_fit_attrs: dict | None = None
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -193,6 +202,11 @@ def write_shard(path: str | os.PathLike, content: ShardContent) -> Path:
                 put(f"image/{k}", c.images[k])
             for k in sorted(c.fit):
                 put(f"fit/{k}", c.fit[k])
+            if c.identity_fit is not None:
+                for k in sorted(c.identity_fit):
+                    put(f"identity_fit/{k}", c.identity_fit[k])
+                for k, v in sorted((c.identity_fit_attrs or {}).items()):
+                    f["identity_fit"].attrs[k] = v
             f.create_dataset(
                 "report", data=json.dumps(c.report, sort_keys=True, ensure_ascii=False), dtype=_STR, track_times=False
             )
@@ -358,7 +372,10 @@ class SplitData:
         ``crop_box``, ``shard``, ``row`` (and ``landmarks_depth`` with a 3-D detector).
     fit : dict of (M, ...) arrays
         ``shape``, ``expression``, ``scale``, ``rotation``, ``translation``, ``pose``, ``residual``,
-        ``residual_normalized``, ``converged``.
+        ``residual_normalized``, ``converged`` (and ``in_identity_label``).
+    identity_fit : dict of (I, ...) arrays
+        The identity-level labels (``shape``, ``expression``, ``shape_spread``, ``n_images``);
+        empty for shards written without them.
     """
 
     _UTT = ("identity", "path", "duration", "voiced_duration", "n_frames", "offset")
@@ -371,6 +388,8 @@ class SplitData:
         utt: dict = {k: [] for k in (*self._UTT, "shard", "row")}
         img: dict = {}
         fit: dict = {}
+        idfit: dict = {}
+        have_idfit = True
         base = 0
         for s_i, sh in enumerate(self.shards):
             with _open(sh.path) as f:
@@ -394,6 +413,11 @@ class SplitData:
                 img.setdefault("row", []).append(np.arange(ni, dtype=np.int64))
                 for k in f["fit"].keys():
                     fit.setdefault(k, []).append(f[f"fit/{k}"][()])
+                if "identity_fit" in f:
+                    for k in f["identity_fit"].keys():
+                        idfit.setdefault(k, []).append(f[f"identity_fit/{k}"][()])
+                else:
+                    have_idfit = False
             base += n_id
 
         def cat(parts):
@@ -403,6 +427,7 @@ class SplitData:
         self.utterances = {k: cat(v) for k, v in utt.items()}
         self.images = {k: cat(v) for k, v in img.items()}
         self.fit = {k: cat(v) for k, v in fit.items()}
+        self.identity_fit = {k: cat(v) for k, v in idfit.items()} if have_idfit and self.shards else {}
 
     def __repr__(self) -> str:
         return (

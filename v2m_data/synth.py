@@ -285,6 +285,11 @@ class SynthConfig:
         Range of the Gaussian pixel noise (std, in [0, 1] intensity) added to the whole photo.
     snr_db : (float, float)
         Range of the speech-to-background-noise ratio of an utterance, dB (20, 35).
+    landmark_noise : float
+        iid Gaussian noise added to each coordinate of the landmarks written to the ``.pts``
+        files, as a fraction of ``sqrt(w h)`` of the landmarks' box (0: exact landmarks; 0.02 for
+        "2 % noise"). It stands in for a landmark detector's error; drawn from its own random
+        stream, so the rest of the world is the same, and ``truth.h5`` keeps the exact landmarks.
     link : VoiceLink
     """
 
@@ -311,6 +316,7 @@ class SynthConfig:
     background: Any = "random"
     sensor_noise: tuple = (0.004, 0.012)
     snr_db: tuple = (20.0, 35.0)
+    landmark_noise: float = 0.0
     link: VoiceLink = field(default_factory=VoiceLink)
 
     def __post_init__(self):
@@ -347,6 +353,8 @@ class SynthConfig:
             v = getattr(self, name)
             if not (np.isfinite(v) and v >= 0):
                 bad(name, f"must be a finite number >= 0, found {v!r}")
+        if not (np.isfinite(self.landmark_noise) and 0.0 <= self.landmark_noise <= 0.2):
+            bad("landmark_noise", f"must be a number in [0, 0.2], found {self.landmark_noise!r}")
         if self.yaw_max > 60 or self.pitch_max > 40:
             bad("yaw_max", "yaw_max <= 60 and pitch_max <= 40 (the landmarks must stay on the visible face)")
         if not np.isfinite(self.gender_width_shift):
@@ -1167,13 +1175,18 @@ def make_world(
         kp_width = float(np.ptp(neutral_kp[:, 0]))
         albedo = _albedo(maps, skin[i], hair[i], iris[i], hairline[i])
         lines = []
+        r_noise = _rng(seed, 7, i)
         for j in range(config.images_per_identity):
             vid = f"{j + 1:08d}"
             verts = model.vertices(shapes[i], exprs[j]).astype(np.float64)
             img, info = _render_photo(model, verts, albedo, r_img, config, kp_width)
             rel = Path("vggface") / "images" / name / f"{vid}.jpg"
             _write_bytes(root / rel, _encode_jpeg(img, config.jpeg_quality, root / rel))
-            write_pts(root / rel.with_suffix(".pts"), info["landmarks"])
+            written = info["landmarks"]
+            if config.landmark_noise > 0:
+                lb = np.ptp(written, axis=0)
+                written = written + config.landmark_noise * np.sqrt(lb[0] * lb[1]) * r_noise.standard_normal(written.shape)
+            write_pts(root / rel.with_suffix(".pts"), written)
             yaw = info["yaw"]
             pose = 3.0 if abs(yaw) <= 20.0 else (1.0 if yaw < 0 else 2.0)
             score = 2.5 + 1.5 * (1.0 - abs(yaw) / 45.0) + 0.2 * r_img.standard_normal()

@@ -48,6 +48,11 @@ without candidates gets no target (NaN) and is left out of supervised training (
 training-set statistics (:class:`CoefficientStats`: per-coefficient mean and standard deviation
 over the training identities, each identity counted once), saved with the checkpoint and used to
 de-normalise predictions.
+
+``source="identity"`` (``v2m-train supervised --targets identity``) instead takes each identity's
+label stored in the build's shards (``identity_fit/``, :mod:`v2m_data.labels`: a robust aggregate
+over its accepted fits, the same label the benchmark's references use by default); the default
+``source="image"`` makes the target from the per-image fits as above (the paper's labels).
 """
 
 from __future__ import annotations
@@ -121,6 +126,10 @@ class TargetRule:
         Candidates have ``residual_normalized`` at most this.
     fallback : bool
         An identity without candidates takes the median of all its valid fits (else no target).
+    source : {"image", "identity"}
+        ``image``: the target is made from the per-image fits by ``method``; ``identity``: the
+        identity label of the shards (``identity_fit/shape`` and ``expression``; the other fields
+        are then unused).
     """
 
     method: str = "median"
@@ -128,8 +137,11 @@ class TargetRule:
     max_pitch: float = 15.0
     max_residual: float = 0.05
     fallback: bool = False
+    source: str = "image"
 
     def __post_init__(self):
+        if self.source not in ("image", "identity"):
+            raise ValidationError(f"must be 'image' or 'identity', got {self.source!r}", key="target.source")
         if self.method not in ("median", "reference"):
             raise ValidationError(f"must be 'median' or 'reference', got {self.method!r}", key="target.method")
         for k in ("max_yaw", "max_pitch", "max_residual"):
@@ -221,6 +233,17 @@ def identity_targets(split, rule: TargetRule = TargetRule(), shape_std=None, exp
     n_id = split.n_identities
     out = np.full((n_id, N_COEFFICIENTS), np.nan, np.float32)
     n_fits = np.zeros(n_id, np.int64)
+    if rule.source == "identity":
+        idf = getattr(split, "identity_fit", {}) or {}
+        if "shape" not in idf:
+            raise ValidationError(
+                "the build's shards hold no identity labels (identity_fit/); rebuild it or use --targets image", key="targets"
+            )
+        coeff = np.concatenate([np.asarray(idf["shape"], np.float64), np.asarray(idf["expression"], np.float64)], axis=1)
+        has = (np.asarray(idf["n_images"]) > 0) & np.isfinite(coeff).all(1)
+        out[has] = coeff[has]
+        n_fits[has] = np.asarray(idf["n_images"], np.int64)[has]
+        return out, n_fits
     if split.n_images == 0:
         return out, n_fits
     fit = split.fit

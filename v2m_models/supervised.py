@@ -123,6 +123,9 @@ class SupervisedConfig(TrainConfig):
         :class:`v2m_models.data.TargetRule` method.
     target_fallback : bool
         Identities without frontal well-fitted images use all their valid fits.
+    targets : {"image", "identity"}
+        ``image``: targets made from the per-image fits (``target``; the paper's labels);
+        ``identity``: the identity labels stored in the build (:mod:`v2m_data.labels`).
     shuffle_pairs : bool
         Control experiment: break the pairing of training voices and target coefficients (the
         voices then carry no information about the targets; a model that still beats the mean
@@ -147,6 +150,7 @@ class SupervisedConfig(TrainConfig):
     normalize_embedding: bool = True
     target: str = "median"
     target_fallback: bool = False
+    targets: str = "image"
     shuffle_pairs: bool = False
     shuffle_mode: str = "fixed"
     expression_weight: float = 1.0
@@ -155,7 +159,7 @@ class SupervisedConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         self.encoder_channels = tuple(int(c) for c in self.encoder_channels)
-        TargetRule(method=self.target)  # validates
+        TargetRule(method=self.target, source=self.targets)  # validates
         if self.freeze_encoder and not self.encoder:
             raise ValidationError("freezing the encoder needs --encoder (a trained one)", key="freeze_encoder")
         if self.shuffle_mode not in SHUFFLE_MODES:
@@ -444,9 +448,9 @@ class SupervisedTask(_VoiceTask):
 
     def _training_set(self):
         cfg = self.config
-        rule = TargetRule(method=cfg.target, fallback=cfg.target_fallback)
+        rule = TargetRule(method=cfg.target, fallback=cfg.target_fallback, source=cfg.targets)
         sstd = estd = None
-        if cfg.target == "reference":
+        if cfg.target == "reference" and cfg.targets == "image":
             bfm = find_bfm(cfg.bfm, self.dataset)
             if bfm is None:
                 raise ValidationError("target 'reference' needs the BFM (its coefficient std): set V2M_BFM_DIR or --bfm", key="target")
@@ -556,7 +560,7 @@ class SupervisedTask(_VoiceTask):
             "n_fits": [int(x) for x in self.tset.n_fits],
             "shuffled": bool(cfg.shuffle_pairs),
             "shuffle_mode": cfg.shuffle_mode if cfg.shuffle_pairs else "",
-            "target_rule": dataclasses.asdict(TargetRule(method=cfg.target, fallback=cfg.target_fallback)),
+            "target_rule": dataclasses.asdict(TargetRule(method=cfg.target, fallback=cfg.target_fallback, source=cfg.targets)),
             "encoder": {"channels": list(cfg.encoder_channels), "normalize_embedding": bool(cfg.normalize_embedding)},
             "n_shape": 40,
             "n_exp": 10,
