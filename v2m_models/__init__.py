@@ -10,35 +10,25 @@
   the cascaded baseline;
 - :func:`load_checkpoint` (:mod:`v2m_models.training`): read any checkpoint safely.
 
-The names are loaded on first use, so ``import v2m_models`` does not import torch.
 """
 
-from __future__ import annotations
+from .cascade import predict_cascade
+from .predict import predict
+from .supervised import SupervisedConfig, VoiceEncoderConfig, train_supervised, train_voice_encoder
+from .teacher import TeacherConfig, train_teacher
+from .training import load_checkpoint
+from .unsupervised import UnsupervisedConfig, train_unsupervised
 
-import importlib
-
-_PUBLIC = {
-    "VoiceEncoderConfig": "supervised",
-    "SupervisedConfig": "supervised",
-    "train_voice_encoder": "supervised",
-    "train_supervised": "supervised",
-    "TeacherConfig": "teacher",
-    "train_teacher": "teacher",
-    "UnsupervisedConfig": "unsupervised",
-    "train_unsupervised": "unsupervised",
-    "predict": "predict",
-    "predict_cascade": "cascade",
-    "load_checkpoint": "training",
-}
-
-__all__ = sorted(_PUBLIC)
-
-
-def __getattr__(name: str):
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_PUBLIC))
+__all__ = [
+    "VoiceEncoderConfig",
+    "SupervisedConfig",
+    "train_voice_encoder",
+    "train_supervised",
+    "TeacherConfig",
+    "train_teacher",
+    "UnsupervisedConfig",
+    "train_unsupervised",
+    "predict",
+    "predict_cascade",
+    "load_checkpoint",
+]
