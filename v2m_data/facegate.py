@@ -21,7 +21,8 @@ never fitted and never a reference.
      run on the annotated box enlarged by ``margin`` on each side, resampled so the box is
      ``confirm_box_px`` pixels wide (three scales: the HOG detector is brittle at any one); a face
      must be found whose intersection-over-union with the box is ``>= min_overlap``. ``fan``: the mean of 3D-FAN's 68 heatmap maxima must be
-     ``>= min_confidence``. ``precomputed``: no detector, so only checks 1-4 apply.
+     ``>= min_confidence``. ``mediapipe``: the sigmoid of the face-presence logit of MediaPipe's
+     landmark model must be ``>= min_confidence``. ``precomputed``: no detector, so only checks 1-4 apply.
    - ``"dlib"``: dlib's HOG detector as above whatever the landmark backend (needs dlib).
    - ``"none"``: checks 1-4 only.
 
@@ -85,7 +86,8 @@ class FaceGateConfig:
     min_overlap : float
         Least intersection-over-union of a detected face with the annotated box (0.3).
     min_confidence : float
-        Least mean heatmap maximum of 3D-FAN's 68 points (0.3).
+        Least landmark confidence (0.3): the mean heatmap maximum of 3D-FAN's 68 points, or the
+        sigmoid of MediaPipe's face-presence logit.
     """
 
     max_pixels: int = 40_000_000

