@@ -23,7 +23,6 @@ in the destination folder, then ``os.replace``), so an existing file survives an
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -33,6 +32,7 @@ import numpy as np
 
 from .bfm import N_EXPRESSION, N_SHAPE, N_VERTICES
 from .errors import ValidationError
+from .fileio import atomic_path
 
 __all__ = [
     "PREDICTIONS_FORMAT",
@@ -463,23 +463,13 @@ class References(_MeshRows):
 
 # --------------------------------------------------------------------------- writing
 def _atomic_h5(path: Path, fill) -> Path:
-    """Write an HDF5 file via a temporary file in the same folder and ``os.replace``."""
+    """Write an HDF5 file atomically and link-safely (:func:`v2m_bench.fileio.atomic_path`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_dir():
         raise ValidationError("is a folder, expected a file name", path=path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    # os.open honours the umask (mkstemp would leave the result private to the user)
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             fill(f)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ValidationError
+from .fileio import write_text
 from .scoring import METRIC_NAMES, METRIC_UNITS, PAPER_RESULTS, ScoreConfig
 
 __all__ = ["write_report", "VertexErrors", "vertex_errors", "PAPER_COLUMNS"]
@@ -501,12 +502,6 @@ def _label(obj, fallback: str) -> str:
     return Path(path).stem if path is not None else fallback
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------ the report
 def write_report(predictions, references, out, model=None, baseline=None, config: ScoreConfig | None = None, *,
                  image_size: int = 320, regions=None) -> Path:
@@ -715,5 +710,5 @@ def write_report(predictions, references, out, model=None, baseline=None, config
             + f'\n<p class="meta">Written by voice2mesh {_e(__version__)} (v2m-bench report).</p>\n'
             + f"<script>{_JS}</script>\n</body>\n</html>\n")
     index = out / "index.html"
-    _atomic_text(index, page)
+    write_text(index, page)
     return index

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import ValidationError
+from .fileio import write_text
 
 __all__ = [
     "METRIC_NAMES",
@@ -164,10 +165,10 @@ class Report:
         return out
 
     def to_json(self, path: str | os.PathLike) -> None:
-        _atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
     def to_csv(self, path: str | os.PathLike) -> None:
-        _atomic_write_text(Path(path), self.per_identity.to_csv(float_format="%.6g"))
+        write_text(path, self.per_identity.to_csv(float_format="%.6g"))
 
     def table(self) -> str:
         """The summary as a text table in the paper's layout."""
@@ -217,13 +218,6 @@ def _json_float(v):
         return None
     v = float(v)
     return v if math.isfinite(v) else None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------- core

@@ -477,11 +477,11 @@ def save_checkpoint(path, payload: dict) -> Path:
     """Write ``payload`` with ``torch.save`` atomically (temporary file, fsync, ``os.replace``)."""
     import torch
 
-    from v2m_data.shards import atomic_write_bytes
+    from v2m_bench.fileio import write_bytes
 
     buf = io.BytesIO()
     torch.save(payload, buf)
-    return atomic_write_bytes(path, buf.getvalue())
+    return write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
