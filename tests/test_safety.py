@@ -1,0 +1,147 @@
+"""Output-folder safety, link-safe writes and one-line errors for bad inputs (docs/safety.md)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from test_pipeline import config_for, files_of, make_test_world, quiet
+from v2m_bench.errors import ValidationError
+from v2m_data.pipeline import build, merge
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world") / "w"
+    info = make_test_world(root, n=4, faults=False)
+    info["root"] = root
+    return info
+
+
+def _tree(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _cli(world, out, *extra):
+    from v2m_cli import build as build_cli
+
+    root = world["root"]
+    args = ["--voxceleb", str(root), "--vggface", str(root / "vggface"), "--out", str(out), "--bfm", str(world["bfm"]),
+            "--detector", "precomputed", "--identities-per-shard", "2", "--no-progress", *extra]
+    return CliRunner().invoke(build_cli.main, args)
+
+
+# ------------------------------------------------------------------ 1. the output folder
+def test_build_refuses_a_folder_that_is_not_a_build_and_touches_nothing(world, tmp_path):
+    u = tmp_path / "u"
+    (u / "shards").mkdir(parents=True)
+    (u / "shards" / "mine.h5").write_text("keep")
+    (u / ".notes.tmp").write_text("keep")
+    (u / "jobs").mkdir()
+    (u / "jobs" / ".draft.tmp").write_text("keep")
+    before = _tree(u)
+    res = _cli(world, u)
+    assert res.exit_code == 2, res.output
+    assert res.output.count("\n") == 1 and res.output.startswith(f"error: {u}: shards/mine.h5 not written by a voice2mesh build")
+    assert _tree(u) == before and sorted(p.name for p in u.iterdir()) == [".notes.tmp", "jobs", "shards"]
+
+
+@pytest.mark.parametrize("name", ["references.h5", "manifest.json"])
+def test_build_never_overwrites_a_users_references_or_manifest(world, tmp_path, name):
+    u = tmp_path / "u"
+    u.mkdir()
+    (u / name).write_text("my own file")
+    with pytest.raises(ValidationError, match=f"{name} not written by a voice2mesh build"):
+        build(config_for(world, u), log=quiet)
+    assert (u / name).read_text() == "my own file" and sorted(p.name for p in u.iterdir()) == [name]
+
+
+def test_build_refuses_a_non_empty_folder_of_other_files(world, tmp_path):
+    u = tmp_path / "u"
+    u.mkdir()
+    (u / "thesis.tex").write_text("keep")
+    with pytest.raises(ValidationError, match=r"not empty and not a voice2mesh build \(it holds thesis.tex\)"):
+        build(config_for(world, u), log=quiet)
+    assert sorted(p.name for p in u.iterdir()) == ["thesis.tex"]
+
+
+def test_rebuild_of_a_build_keeps_files_it_did_not_write(world, tmp_path):
+    ref = tmp_path / "ref"
+    build(config_for(world, ref), log=quiet)
+    out = tmp_path / "out"
+    build(config_for(world, out), log=quiet)
+    (out / ".notes.tmp").write_text("mine")
+    (out / "shards" / ".plan.tmp").write_text("mine")
+    (out / "notes.txt").write_text("mine")
+    (out / "shards" / ".train-00000.h5.0123456789abcdef.tmp").write_bytes(b"left by a killed build")
+    (out / "shards" / "train-00000.h5").unlink()
+    again = build(config_for(world, out), log=quiet)
+    assert again.shards_built == 1 and again.complete
+    assert (out / ".notes.tmp").read_text() == "mine" and (out / "shards" / ".plan.tmp").read_text() == "mine"
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / "shards" / ".train-00000.h5.0123456789abcdef.tmp").exists()
+    mine = {"notes.txt", ".notes.tmp", "shards/.plan.tmp"}
+    assert {k: v for k, v in files_of(out).items() if k not in mine} == files_of(ref)
+
+
+def test_merge_refuses_before_deleting_anything(tmp_path):
+    u = tmp_path / "u"
+    u.mkdir()
+    (u / ".notes.tmp").write_text("keep")
+    (u / ".manifest.json.0123abcd.tmp").write_text("keep")
+    with pytest.raises(ValidationError, match="no job manifests"):
+        merge(u, log=quiet)
+    assert sorted(p.name for p in u.iterdir()) == [".manifest.json.0123abcd.tmp", ".notes.tmp"]
+
+
+# ------------------------------------------------------------------ 2. planted links
+def test_lock_file_link_is_refused_not_written_through(world, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (out / ".lock").symlink_to(victim)
+    with pytest.raises(ValidationError, match=r"\.lock: is a symbolic link"):
+        build(config_for(world, out), log=quiet)
+    assert victim.read_text() == "precious"
+
+
+def test_lock_file_hard_link_is_never_truncated(world, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.link(victim, out / ".lock")
+    with pytest.raises(ValidationError, match=r"\.lock: has other hard links"):
+        build(config_for(world, out), log=quiet)
+    assert victim.read_text() == "precious"
+
+
+# ------------------------------------------------------------------ 3. disk full
+def test_disk_full_during_a_build_is_one_line_and_corrupts_nothing(world, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real_fsync = os.fsync
+    calls = []
+
+    def full(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            calls.append(fd)
+        if len(calls) == 2:  # the second shard file
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    res = _cli(world, out)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert res.exit_code == 2, res.output
+    last = res.output.rstrip("\n").splitlines()[-1]
+    assert last == "error: No space left on device; free some space and rerun (finished work is kept)", res.output
+    assert not (out / "manifest.json").exists() and not list(out.rglob("*.tmp"))
+    assert len(list((out / "shards").glob("*.h5"))) == 1
+    again = _cli(world, out)
+    assert again.exit_code == 0 and "1 of 3 shards already finished" in again.output, again.output
