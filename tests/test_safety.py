@@ -145,3 +145,88 @@ def test_disk_full_during_a_build_is_one_line_and_corrupts_nothing(world, tmp_pa
     assert len(list((out / "shards").glob("*.h5"))) == 1
     again = _cli(world, out)
     assert again.exit_code == 0 and "1 of 3 shards already finished" in again.output, again.output
+
+
+# ------------------------------------------------------------------ 3. HDF5 shapes checked before reading
+def _preds(path, n=3):
+    import numpy as np
+
+    from v2m_bench.formats import write_predictions
+
+    write_predictions(path, [f"id{i}" for i in range(n)], [f"u{i}" for i in range(n)],
+                      shape=np.zeros((n, 40), np.float32), expression=np.zeros((n, 10), np.float32))
+    return path
+
+
+def _refs(path, n=3):
+    import numpy as np
+
+    from v2m_bench.formats import write_references
+
+    write_references(path, [f"id{i}" for i in range(n)], ["m"] * n,
+                     shape=np.zeros((n, 40), np.float32), expression=np.zeros((n, 10), np.float32))
+    return path
+
+
+def _sparse(path, key, shape, dtype):
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        del f[key]
+        f.create_dataset(key, shape=shape, dtype=dtype, chunks=(1,) + tuple(shape[1:]))  # nothing stored: tiny file
+
+
+@pytest.mark.parametrize("kind", ["predictions", "references"])
+@pytest.mark.parametrize(
+    "key, shape, match",
+    [
+        ("shape", (10**9, 40), r"shape: expected shape \(3, 40\), found \(1000000000, 40\)"),
+        ("expression", (10**9, 10), r"expression: expected shape \(3, 10\), found \(1000000000, 10\)"),
+        ("identity", (10**9,), r"(utterance|gender): expected 1000000000 rows \(as in 'identity'\), found 3"),
+    ],
+)
+def test_huge_sparse_datasets_are_refused_before_reading(tmp_path, kind, key, shape, match):
+    import h5py
+
+    from v2m_bench.formats import read_predictions, read_references
+
+    path = (_preds if kind == "predictions" else _refs)(tmp_path / "f.h5")
+    _sparse(path, key, shape, h5py.string_dtype() if key == "identity" else "f4")
+    assert path.stat().st_size < 1 << 20
+    reader = read_predictions if kind == "predictions" else read_references
+    with pytest.raises(ValidationError, match=match):
+        reader(path)
+
+
+def test_too_many_rows_everywhere_is_refused_before_reading(tmp_path):
+    import h5py
+
+    from v2m_bench.formats import MAX_ROWS, read_predictions
+
+    path = _preds(tmp_path / "p.h5")
+    n = MAX_ROWS + 1
+    for key, shape, dt in (("identity", (n,), h5py.string_dtype()), ("utterance", (n,), h5py.string_dtype()),
+                           ("shape", (n, 40), "f4"), ("expression", (n, 10), "f4")):
+        _sparse(path, key, shape, dt)
+    with pytest.raises(ValidationError, match=rf"identity: {n} rows, more than the {MAX_ROWS} a file may hold"):
+        read_predictions(path)
+
+
+def test_a_locked_hdf5_file_is_called_locked_not_damaged(tmp_path):
+    import subprocess
+    import sys
+
+    from v2m_bench.formats import read_predictions
+
+    path = _preds(tmp_path / "p.h5")
+    code = f"import h5py, sys, time; f = h5py.File({str(path)!r}, 'a'); print('open', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "HDF5_USE_FILE_LOCKING": "TRUE"})
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(ValidationError, match=r"p\.h5: is locked by another program") as info:
+            read_predictions(path)
+        assert "damaged" not in str(info.value)
+    finally:
+        holder.kill()
+        holder.wait()

@@ -52,6 +52,8 @@ __all__ = [
 ]
 
 PREDICTIONS_FORMAT = "v2m-predictions"
+#: Most rows a predictions or references file may hold (checked before reading).
+MAX_ROWS = 10_000_000
 REFERENCES_FORMAT = "v2m-references"
 #: The version this code writes and the newest it reads.
 FORMAT_VERSION = 1
@@ -138,12 +140,16 @@ def _check_float(values, key: str, shape: tuple, path: Path | None, row_offset: 
     arr = np.asarray(values)
     if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
         raise ValidationError(f"expected floating-point numbers, found dtype {arr.dtype}", path=_where(path), key=key)
-    if arr.ndim != len(shape) or any(s is not None and a != s for a, s in zip(arr.shape, shape)):
-        want = "(" + ", ".join("N" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
-        raise ValidationError(f"expected shape {want}, found {arr.shape}", path=_where(path), key=key)
+    _check_shape(arr.shape, key, shape, path)
     arr = arr.astype(np.float32, copy=False)
     _check_finite(arr, key, path, row_offset)
     return arr
+
+
+def _check_shape(actual: tuple, key: str, shape: tuple, path: Path | None) -> None:
+    if len(actual) != len(shape) or any(s is not None and a != s for a, s in zip(actual, shape)):
+        want = "(" + ", ".join("N" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+        raise ValidationError(f"expected shape {want}, found {tuple(actual)}", path=_where(path), key=key)
 
 
 def _check_finite(arr: np.ndarray, key: str, path: Path | None, row_offset: int = 0) -> None:
@@ -721,6 +727,10 @@ def _open(path: Path) -> h5py.File:
         return h5py.File(path, "r")
     except OSError as e:
         msg = " ".join(str(e).split())
+        if "unable to lock file" in msg.lower():
+            raise ValidationError(
+                "is locked by another program (still being written?); wait until it is done "
+                "(on a file system without locks, set HDF5_USE_FILE_LOCKING=FALSE)", path=path) from None
         raise ValidationError(f"cannot open the HDF5 file (truncated or damaged?): {msg}", path=path) from None
 
 
@@ -752,11 +762,34 @@ def _read_strings(f, key: str, n: int | None, path: Path, required: bool = True)
         raise ValidationError(f"expected strings, found dtype {dset.dtype}", path=path, key=key)
     if dset.ndim != 1:
         raise ValidationError(f"expected shape (N,), found {dset.shape}", path=path, key=key)
+    if n is not None and dset.shape[0] != n:  # checked before anything is read
+        raise ValidationError(f"expected {n} rows (as in 'identity'), found {dset.shape[0]}", path=path, key=key)
+    if dset.shape[0] > MAX_ROWS:
+        raise ValidationError(f"{dset.shape[0]} rows, more than the {MAX_ROWS} a file may hold", path=path, key=key)
     try:
         raw = dset[()]
     except OSError as e:
         raise ValidationError(f"cannot read: {e}", path=path, key=key) from None
     return _check_strings(np.asarray(raw, dtype=object), key, n, path)
+
+
+def _check_row_counts(f, path: Path, others: tuple) -> None:
+    """Refuse an ``identity`` longer than another per-row dataset before reading any of them."""
+    ident = _dataset(f, "identity", path)
+    if ident.ndim != 1:
+        return  # reported by the reader with the usual message
+    n = ident.shape[0]
+    for key in others:
+        if f.get(key, getlink=True) is None:
+            continue
+        other = _dataset(f, key, path)
+        if other.ndim == 0 or other.shape[0] >= n:
+            continue
+        if key in ("shape", "expression"):
+            _check_shape(other.shape, key, (n, N_SHAPE if key == "shape" else N_EXPRESSION), path)
+        elif key == "vertices":
+            raise ValidationError(f"expected shape ({n}, V, 3), found {other.shape}", path=path, key=key)
+        raise ValidationError(f"expected {n} rows (as in 'identity'), found {other.shape[0]}", path=path, key=key)
 
 
 def _read_float(f, key: str, shape: tuple, path: Path, required: bool = True) -> np.ndarray | None:
@@ -765,6 +798,7 @@ def _read_float(f, key: str, shape: tuple, path: Path, required: bool = True) ->
         return None
     if dset.dtype.kind != "f":
         raise ValidationError(f"expected floating-point numbers, found dtype {dset.dtype}", path=path, key=key)
+    _check_shape(dset.shape, key, shape, path)  # before reading
     try:
         data = dset[()]
     except OSError as e:
@@ -871,6 +905,7 @@ def read_predictions(
     path = Path(path)
     with _open(path) as f:
         attrs = _read_format(f, path, PREDICTIONS_FORMAT)
+        _check_row_counts(f, path, ("utterance", "shape", "expression", "vertices"))
         identity = _read_strings(f, "identity", None, path)
         n = len(identity)
         if n == 0:
@@ -898,6 +933,7 @@ def read_references(
     path = Path(path)
     with _open(path) as f:
         attrs = _read_format(f, path, REFERENCES_FORMAT)
+        _check_row_counts(f, path, ("gender", "shape", "expression", "vertices"))
         identity = _read_strings(f, "identity", None, path)
         m = len(identity)
         if m == 0:
