@@ -230,3 +230,20 @@ def test_a_locked_hdf5_file_is_called_locked_not_damaged(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_inf_in_an_annotation_is_a_recorded_failure_not_a_crash(tmp_path):
+    import json
+
+    root = tmp_path / "w"
+    info = make_test_world(root, n=3, seed=1, faults=False)
+    world = {"root": root, **info}
+    ann = sorted((root / "vggface" / "files").glob("*.txt"))[0]
+    with open(ann, "a", encoding="utf-8") as fh:
+        fh.write("99999999 http://example.invalid/x.jpg 1.0 2.0 30.0 40.0 3 1.5 inf\n")
+    out = tmp_path / "out"
+    result = build(config_for(world, out), log=quiet)
+    assert result.complete
+    man = json.loads((out / "manifest.json").read_text())
+    notes = [f for f in man["failures"] if f["item"] == ann.name]
+    assert len(notes) == 1 and "annotation file unusable" in notes[0]["reason"] and "not a number" in notes[0]["reason"]

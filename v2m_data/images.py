@@ -276,7 +276,7 @@ def read_vggface_annotations(path: str | os.PathLike):
             )
         try:
             values = [parts[0], parts[1], *(float(v) for v in parts[2:8]), int(float(parts[8]))]
-        except ValueError:
+        except (ValueError, OverflowError):  # int(float("inf")) overflows
             raise ValidationError(f"line {lineno}: a numeric field is not a number: {line[:80]!r}", path=str(p)) from None
         for c, v in zip(VGGFACE_COLUMNS, values):
             cols[c].append(v)
