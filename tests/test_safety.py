@@ -247,3 +247,82 @@ def test_inf_in_an_annotation_is_a_recorded_failure_not_a_crash(tmp_path):
     man = json.loads((out / "manifest.json").read_text())
     notes = [f for f in man["failures"] if f["item"] == ann.name]
     assert len(notes) == 1 and "annotation file unusable" in notes[0]["reason"] and "not a number" in notes[0]["reason"]
+
+
+# ------------------------------------------------------------------ convert-cmp folders
+def _obj(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("v 0 0 0\nv 180000 0 0\nv 0 210000 100000\nf 1 2 3\n")
+
+
+def test_convert_cmp_non_utf8_folder_is_one_line_exit_2(tmp_path):
+    from v2m_cli import bench_convert
+
+    cmp = tmp_path / "cmp"
+    cmp.mkdir()
+    bad = os.path.join(os.fsencode(cmp), b"Caf\xe9")
+    os.mkdir(bad)
+    _obj(Path(os.fsdecode(bad)) / "vid_00001.obj")
+    res = CliRunner().invoke(bench_convert.command, [str(cmp), str(tmp_path / "p.h5"), "--expected-vertices", "3",
+                                                     "--no-scale-check"])
+    assert res.exit_code == 2, res.output
+    assert res.output.count("\n") == 1 and "Caf\\xe9: name is not valid UTF-8" in res.output
+    assert not (tmp_path / "p.h5").exists()
+
+
+@pytest.mark.parametrize("case", ["link-out", "dangling", "fifo", "hidden-folder", "hidden-obj"])
+def test_convert_cmp_refuses_entries_it_used_to_follow_or_skip(tmp_path, case):
+    from v2m_bench.convert import find_cmp_files
+
+    cmp = tmp_path / "cmp"
+    _obj(cmp / "Abe" / "v_00001.obj")
+    outside = tmp_path / "elsewhere" / "Bob"
+    _obj(outside / "v_00001.obj")
+    if case == "link-out":
+        (cmp / "Bob").symlink_to(outside)
+        match = "Bob: symbolic link to .*outside"
+    elif case == "dangling":
+        (cmp / "Abe" / "v_00002.obj").symlink_to(tmp_path / "gone.obj")
+        match = "v_00002.obj: dangling symbolic link"
+    elif case == "fifo":
+        os.mkfifo(cmp / "Abe" / "v_00002.obj")
+        match = "v_00002.obj: not a regular file or folder"
+    elif case == "hidden-folder":
+        _obj(cmp / ".Cid" / "v_00001.obj")
+        match = "hidden folder .Cid"
+    else:
+        _obj(cmp / "Abe" / ".v_00002.obj")
+        match = r"\.v_00002.obj: hidden .obj file"
+    with pytest.raises(ValidationError, match=match):
+        find_cmp_files(cmp)
+
+
+def test_convert_cmp_accepts_links_inside_its_folder(tmp_path):
+    from v2m_bench.convert import find_cmp_files
+
+    cmp = tmp_path / "cmp"
+    _obj(cmp / "Abe" / "v_00001.obj")
+    (cmp / "Abe" / "v_00002.obj").symlink_to(cmp / "Abe" / "v_00001.obj")
+    assert [(i, u) for i, u, _ in find_cmp_files(cmp)] == [("Abe", "v_00001"), ("Abe", "v_00002")]
+
+
+# ------------------------------------------------------------------ export names
+@pytest.mark.parametrize("name", ["漢" * 200, "é" * 200, "😀" * 100, "a" * 300])
+def test_export_names_fit_the_file_system_in_bytes(tmp_path, name):
+    import numpy as np
+
+    from v2m_bench.export import safe_name, write_mesh
+
+    clean = safe_name(name)
+    assert len((clean + ".obj").encode("utf-8")) <= 255
+    assert safe_name(name) == clean and safe_name(name + "x") != clean  # stable, and distinct by the hash
+    path = write_mesh(tmp_path / f"{clean}.obj", np.zeros((3, 3)), np.array([[0, 1, 2]]))
+    assert path.read_bytes().startswith(b"v 0 0 0\n")
+    assert [p.name for p in tmp_path.iterdir()] == [f"{clean}.obj"]
+
+
+def test_export_keeps_short_names_as_they_were():
+    from v2m_bench.export import safe_name
+
+    assert safe_name("A.J._Buckley") == "A.J._Buckley"
+    assert safe_name("é" * 100) == "é" * 100 and safe_name("José") == "José"  # 200 bytes: unchanged
