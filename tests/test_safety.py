@@ -326,3 +326,62 @@ def test_export_keeps_short_names_as_they_were():
 
     assert safe_name("A.J._Buckley") == "A.J._Buckley"
     assert safe_name("é" * 100) == "é" * 100 and safe_name("José") == "José"  # 200 bytes: unchanged
+
+
+# ------------------------------------------------------------------ 4. meshes that are not faces
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("zeros", r"p\.h5: vertices: row 0: the mesh is 0 x 0 x 0 BFM units across"),
+        ("shrunk", r"p\.h5: vertices: row 0: the mesh is 18\.01 x 21\.09 x 14\.79 BFM units across"),
+        ("mm-as-bfm", r"p\.h5: vertices: row 0: the mesh is 1\.801e\+08 x 2\.109e\+08 x 1\.479e\+08 BFM units"),
+        ("flat", r"p\.h5: vertices: row 0: the mesh is 1\.801e\+05 x 2\.109e\+05 x 0 BFM units"),
+        ("huge-coefficients", r"p\.h5: shape: row 0: the mesh is [0-9.]+e\+37 x [0-9.]+e\+37 x [0-9.]+e\+37 BFM units"),
+    ],
+)
+def test_meshes_that_are_not_faces_are_refused_with_their_size(bfm, tmp_path, case, match):
+    import numpy as np
+
+    from v2m_bench.formats import write_predictions, write_references
+    from v2m_bench.scoring import ScoreConfig, score
+
+    ids = ["Abe", "Bea"]
+    write_references(tmp_path / "r.h5", ids, ["m", "f"], shape=np.zeros((2, 40), np.float32),
+                     expression=np.zeros((2, 10), np.float32))
+    if case == "huge-coefficients":
+        write_predictions(tmp_path / "p.h5", ids, ["u1", "u2"], shape=np.full((2, 40), 3e38, np.float32),
+                          expression=np.zeros((2, 10), np.float32))
+    else:
+        v = np.repeat(bfm.mean[None], 2, axis=0).astype(np.float64)
+        v = {"zeros": v * 0, "shrunk": v / 1e4, "mm-as-bfm": v * 1e3, "flat": v * [1, 1, 0]}[case]
+        write_predictions(tmp_path / "p.h5", ids, ["u1", "u2"], vertices=v.astype(np.float32), units="bfm")
+    with pytest.raises(ValidationError, match=match) as info:
+        score(tmp_path / "p.h5", tmp_path / "r.h5", bfm, config=ScoreConfig(bootstrap=0, chance=False))
+    msg = str(info.value)
+    assert "\n" not in msg and "the model's mean face is 180,069 x 210,924 x 147,945" in msg
+
+
+def test_overflowing_vertices_are_named_as_such(small_model):
+    import numpy as np
+
+    from v2m_bench.formats import check_face_meshes
+
+    v = np.repeat(small_model.mean[None], 3, axis=0)
+    v[2, 5, 1] = np.inf
+    with pytest.raises(ValidationError, match=r"shape: row 7: its coefficients are so large that vertices overflow"):
+        check_face_meshes(v, small_model, key="shape", rows=[5, 6, 7])
+    assert check_face_meshes(v[:2], small_model) is not None
+
+
+def test_score_cli_refuses_zero_meshes_in_one_line(bfm_dir, bfm, tmp_path):
+    import numpy as np
+
+    from v2m_bench.formats import write_predictions, write_references
+    from v2m_cli import bench_score
+
+    write_references(tmp_path / "r.h5", ["Abe"], ["m"], shape=np.zeros((1, 40), np.float32),
+                     expression=np.zeros((1, 10), np.float32))
+    write_predictions(tmp_path / "p.h5", ["Abe"], ["u1"], vertices=np.zeros((1, 53215, 3), np.float32))
+    res = CliRunner().invoke(bench_score.command, [str(tmp_path / "p.h5"), "-r", str(tmp_path / "r.h5"), "--bfm",
+                                                   str(bfm_dir), "--bootstrap", "0", "--no-progress"])
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and "not a face at the declared units" in res.output, res.output

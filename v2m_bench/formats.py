@@ -37,6 +37,9 @@ from .fileio import atomic_path
 __all__ = [
     "PREDICTIONS_FORMAT",
     "REFERENCES_FORMAT",
+    "MAX_ROWS",
+    "PLAUSIBLE_FACTOR",
+    "check_face_meshes",
     "FORMAT_VERSION",
     "UNITS_TO_BFM",
     "GENDERS",
@@ -110,6 +113,66 @@ def _positions(n: int, indices) -> np.ndarray:
         return np.arange(n)[indices]
     except IndexError as e:
         raise ValidationError(f"row index out of range for {n} rows: {e}", key="indices") from None
+
+
+# --------------------------------------------------------------------------- plausible faces
+#: A mesh is taken for a face at its declared units when its extent along each axis is within
+#: this factor (either way) of the model's mean face (BFM: 180,069 x 210,924 x 147,945 units).
+#: A units mix-up (x1,000), a collapsed or all-zero mesh and overflowing coefficients fail it.
+PLAUSIBLE_FACTOR = 10.0
+
+
+def check_face_meshes(vertices, model, *, path=None, key: str = "vertices", rows=None) -> np.ndarray:
+    """Refuse meshes that are not faces at their declared units (:data:`PLAUSIBLE_FACTOR`).
+
+    Parameters
+    ----------
+    vertices : ndarray, shape (B, N, 3) or (N, 3)
+        Meshes in BFM units (micrometres).
+    model : MorphableModel
+        Its mean face gives the expected size.
+    path, key : optional
+        Named in the message (the file and the dataset the rows come from).
+    rows : int array, optional
+        File row of each mesh, for the message.
+
+    Returns
+    -------
+    ndarray
+        ``vertices``, unchanged.
+
+    Raises
+    ------
+    ValidationError
+        Naming the first bad row, its extents and the accepted range.
+    """
+    v = out = np.asarray(vertices)
+    if v.ndim == 2:
+        v = v[None]
+    if v.shape[0] == 0:
+        return out
+    rows = np.arange(v.shape[0]) if rows is None else np.atleast_1d(np.asarray(rows))
+    finite = np.isfinite(v).all(axis=(1, 2))
+    if not finite.all():
+        i = int(np.flatnonzero(~finite)[0])
+        what = "its coefficients are so large that vertices overflow" if key != "vertices" else "non-finite vertices"
+        raise ValidationError(f"row {int(rows[i])}: {what}; not a face", path=_where(path), key=key)
+    ext = v.max(axis=1).astype(np.float64) - v.min(axis=1).astype(np.float64)
+    mean = np.asarray(model.mean, np.float64)
+    want = mean.max(axis=0) - mean.min(axis=0)
+    lo, hi = want / PLAUSIBLE_FACTOR, want * PLAUSIBLE_FACTOR
+    bad = ((ext < lo) | (ext > hi)).any(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        e = " x ".join(f"{x:,.4g}" for x in ext[i])
+        m = " x ".join(f"{x:,.0f}" for x in want)
+        raise ValidationError(
+            f"row {int(rows[i])}: the mesh is {e} BFM units across (x, y, z), not a face at the declared units "
+            f"(the model's mean face is {m}; accepted: 1/{PLAUSIBLE_FACTOR:g} to {PLAUSIBLE_FACTOR:g} times that "
+            f"on each axis; {int(bad.sum())} of {v.shape[0]} meshes read so far fail); check 'units' or the predictor",
+            path=_where(path), key=key,
+        )
+    return out
 
 
 # --------------------------------------------------------------------------- validation of arrays

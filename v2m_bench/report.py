@@ -152,6 +152,7 @@ def vertex_errors(rows, references, model, *, config: ScoreConfig | None = None,
     VertexErrors
     """
     from .icp import icp_scores
+    from .formats import check_face_meshes
     from .scoring import _iter_chunks, _progress
 
     config = config or ScoreConfig()
@@ -177,8 +178,8 @@ def vertex_errors(rows, references, model, *, config: ScoreConfig | None = None,
         for chunk in _iter_chunks(len(order), config.chunk_size):
             sel = order[chunk]
             used, local = np.unique(ref_index[sel], return_inverse=True)
-            pv = rows.to_vertices(model, sel)
-            rv = references.to_vertices(model, used)
+            pv = check_face_meshes(rows.to_vertices(model, sel), model, path=getattr(rows, "path", None), rows=sel)
+            rv = check_face_meshes(references.to_vertices(model, used), model, path=references.path, rows=used)
             res, _ = icp_scores(pv, rv, model.triangles, None, group=local, with_scale=config.with_scale,
                                 device=config.device, engine=config.engine, return_distances=True)
             d = np.abs(res.distances).astype(np.float64)

@@ -306,8 +306,8 @@ def _score_files_core(preds, refs, model, regions, config: ScoreConfig, *, desc:
         for chunk in _iter_chunks(len(order), config.chunk_size):
             rows = order[chunk]
             used_refs, local = np.unique(ref_index_all[rows], return_inverse=True)
-            pv = preds.to_vertices(model, rows)
-            rv = refs.to_vertices(model, used_refs)
+            pv = _face(preds.to_vertices(model, rows), preds, model, rows)
+            rv = _face(refs.to_vertices(model, used_refs), refs, model, used_refs)
             out = score_vertices(pv, rv, model, regions, ref_index=local, with_scale=config.with_scale, device=config.device,
                                  engine=config.engine)
             for k in METRIC_NAMES:
@@ -324,6 +324,15 @@ class _NoBar:
 
     def close(self):
         pass
+
+
+def _face(v, source, model, rows):
+    """``v`` once :func:`~v2m_bench.formats.check_face_meshes` accepts it (row numbers of ``source``)."""
+    from .formats import check_face_meshes
+
+    key = "vertices" if getattr(source, "vertices", None) is not None else "shape"
+    with np.errstate(over="ignore", invalid="ignore"):
+        return check_face_meshes(v, model, path=getattr(source, "path", None), key=key, rows=rows)
 
 
 def _progress(total, desc, enabled):
