@@ -5,11 +5,11 @@ from __future__ import annotations
 import errno
 import functools
 import os
-import sys
 
 import click
 
 from v2m_bench.errors import V2MError
+from v2m_bench.fileio import progress_enabled  # noqa: F401 - the commands' progress switch
 
 
 _FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -43,10 +43,3 @@ def user_errors(fn):
             raise UserError(f"{e.filename}: {what}{advice}" if e.filename else f"{what}{advice}") from None
 
     return wrapper
-
-
-def progress_enabled(flag: bool | None) -> bool:
-    """Progress bars: on when asked, else only on an interactive terminal."""
-    if flag is not None:
-        return flag
-    return sys.stderr.isatty()

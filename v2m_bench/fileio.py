@@ -212,6 +212,11 @@ class _NoBar:
     def set_postfix_str(self, *args, **kwargs):
         pass
 
+    @staticmethod
+    def write(s, file=None, end="\n"):
+        """Print a line, as ``tqdm.write`` does (standard output by default)."""
+        print(s, file=file if file is not None else sys.stdout, end=end)
+
     def close(self):
         pass
 
