@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 from pathlib import Path
@@ -233,8 +234,6 @@ def test_a_locked_hdf5_file_is_called_locked_not_damaged(tmp_path):
 
 
 def test_inf_in_an_annotation_is_a_recorded_failure_not_a_crash(tmp_path):
-    import json
-
     root = tmp_path / "w"
     info = make_test_world(root, n=3, seed=1, faults=False)
     world = {"root": root, **info}
@@ -385,3 +384,60 @@ def test_score_cli_refuses_zero_meshes_in_one_line(bfm_dir, bfm, tmp_path):
     res = CliRunner().invoke(bench_score.command, [str(tmp_path / "p.h5"), "-r", str(tmp_path / "r.h5"), "--bfm",
                                                    str(bfm_dir), "--bootstrap", "0", "--no-progress"])
     assert res.exit_code == 2 and res.output.count("\n") == 1 and "not a face at the declared units" in res.output, res.output
+
+
+# ------------------------------------------------------------------ 2. link-safe outputs (score, export)
+def _plant(folder: Path, names, victim: Path):
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        (folder / n).symlink_to(victim)
+
+
+def test_score_outputs_never_write_through_planted_links(bfm, tmp_path):
+    import numpy as np
+
+    from v2m_bench.formats import write_predictions, write_references
+    from v2m_bench.scoring import ScoreConfig, score
+
+    ids = ["Abe", "Bea"]
+    write_references(tmp_path / "r.h5", ids, ["m", "f"], shape=np.zeros((2, 40), np.float32),
+                     expression=np.zeros((2, 10), np.float32))
+    rng = np.random.default_rng(0)
+    write_predictions(tmp_path / "p.h5", ids, ["u1", "u2"], shape=(rng.normal(size=(2, 40)) * bfm.shape_std).astype(np.float32),
+                      expression=np.zeros((2, 10), np.float32))
+    rep = score(tmp_path / "p.h5", tmp_path / "r.h5", bfm, config=ScoreConfig(bootstrap=0, chance=False))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "shared"
+    _plant(out, [".s.json.tmp", ".s.csv.tmp"], victim)  # the names used to be predictable
+    rep.to_json(out / "s.json")
+    rep.to_csv(out / "s.csv")
+    assert victim.read_text() == "precious"
+    assert (out / ".s.json.tmp").is_symlink() and isinstance(json.loads((out / "s.json").read_text()), dict)
+    (out / "link.json").symlink_to(victim)
+    with pytest.raises(ValidationError, match=r"link\.json: is a symbolic link"):
+        rep.to_json(out / "link.json")
+    assert victim.read_text() == "precious"
+
+
+def test_export_never_writes_through_planted_links(bfm, tmp_path):
+    import numpy as np
+
+    from v2m_bench.export import export_meshes
+    from v2m_bench.formats import write_references
+
+    write_references(tmp_path / "r.h5", ["Abe"], ["m"], shape=np.zeros((1, 40), np.float32),
+                     expression=np.zeros((1, 10), np.float32))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "meshes"
+    _plant(out, [".Abe.obj.tmp", ".index.csv.tmp"], victim)
+    res = export_meshes(tmp_path / "r.h5", out, model=bfm)
+    assert victim.read_text() == "precious"
+    assert res.n_meshes == 1 and (out / "Abe.obj").read_bytes().startswith(b"v ")
+    assert (out / "index.csv").read_text() == "identity,file\nAbe,Abe.obj\n"
+    (out / "Abe.obj").unlink()
+    (out / "Abe.obj").symlink_to(victim)
+    with pytest.raises(ValidationError, match=r"refusing to write outside the output folder: .*Abe\.obj"):
+        export_meshes(tmp_path / "r.h5", out, model=bfm)
+    assert victim.read_text() == "precious"

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ValidationError
-from .fileio import write_text
+from .fileio import atomic_path, write_text
 from .scoring import METRIC_NAMES, METRIC_UNITS, PAPER_RESULTS, ScoreConfig
 
 __all__ = ["write_report", "VertexErrors", "vertex_errors", "PAPER_COLUMNS"]
@@ -220,7 +220,8 @@ def _figure(width: float, height: float, dpi: int = 100):
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, metadata={"Software": None})
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", metadata={"Software": None})
     return path
 
 
