@@ -61,7 +61,6 @@ def test_empty_and_truncated_checkpoints_say_why(trained, tmp_path):  # noqa: F8
     "change, match",
     [
         ({"version": "abc"}, r"version: expected an integer, found 'abc'"),
-        ({"modules": {}}, r"modules: holds no weights"),
         ({"modules": {"model": [1, 2]}}, r"modules\.model: expected a dict of tensors, found list"),
         ({"iteration": "3"}, r"iteration: expected an int, found str"),
         ({"predictor": 5}, r"predictor: expected a str, found int"),
@@ -86,6 +85,15 @@ def test_nan_weights_are_blamed_on_the_checkpoint(trained, tmp_path):  # noqa: F
     with pytest.raises(ValidationError, match=rf"nan\.pt: modules\.model\.{name}: holds NaN or infinite weights"):
         predict(bad, data, tmp_path / "p.h5", device="cpu")
     assert not (tmp_path / "p.h5").exists()
+
+
+def test_a_checkpoint_without_weights_cannot_predict(trained, tmp_path):  # noqa: F811
+    data, ck = trained
+    bad = tmp_path / "empty-modules.pt"
+    save_checkpoint(bad, {**load_checkpoint(ck), "modules": {}})
+    with pytest.raises(ValidationError, match=r"empty-modules\.pt: modules: holds no weights") as e:
+        predict(bad, data, tmp_path / "p.h5", device="cpu")
+    _one_line(e)
 
 
 @pytest.mark.parametrize("ref", ["v2m_models.predict:resolve_predictor", "v2m_models.training:load_checkpoint",

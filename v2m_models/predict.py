@@ -76,6 +76,8 @@ def resolve_predictor(checkpoint: dict, device, batch_size: int = 16, path=None)
     except (ImportError, AttributeError):
         raise ValidationError(f"predictor {ref!r} of kind {kind!r} is not available in this version",
                               path=None if path is None else str(path), key="predictor") from None
+    if not checkpoint.get("modules"):
+        raise ValidationError("holds no weights", path=None if path is None else str(path), key="modules")
     try:
         return loader(checkpoint, device, batch_size=batch_size)
     except ValidationError as e:

@@ -537,8 +537,6 @@ def load_checkpoint(path, map_location="cpu") -> dict:
             raise ValidationError(f"expected {article} {typ.__name__}, found {type(ck[k]).__name__}", path=where, key=k)
     if not isinstance(ck.get("predictor", ""), str):
         raise ValidationError(f"expected a str, found {type(ck['predictor']).__name__}", path=where, key="predictor")
-    if not ck["modules"]:
-        raise ValidationError("holds no weights", path=where, key="modules")
     for name, state in ck["modules"].items():
         if not isinstance(state, dict):
             raise ValidationError(f"expected a dict of tensors, found {type(state).__name__}", path=where,
