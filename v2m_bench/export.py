@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
 import re
 import unicodedata
 from dataclasses import dataclass

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

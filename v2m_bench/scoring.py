@@ -331,8 +331,7 @@ def _face(v, source, model, rows):
     from .formats import check_face_meshes
 
     key = "vertices" if getattr(source, "vertices", None) is not None else "shape"
-    with np.errstate(over="ignore", invalid="ignore"):
-        return check_face_meshes(v, model, path=getattr(source, "path", None), key=key, rows=rows)
+    return check_face_meshes(v, model, path=getattr(source, "path", None), key=key, rows=rows)
 
 
 def _progress(total, desc, enabled):

@@ -58,10 +58,10 @@ import dataclasses
 import errno
 import fcntl
 import hashlib
-import re
 import json
 import os
 import platform
+import re
 import sys
 import threading
 import time
@@ -1087,7 +1087,7 @@ def _check_out(out: Path) -> None:
                         foreign.append(rel)
                     else:
                         proof = True
-                elif q.name.endswith(ext):  # a build deletes unplanned shards: only its own
+                elif q.name.endswith(ext):  # every shards/*.h5 is read as a shard, jobs/*.json as a job
                     foreign.append(rel)
                 else:
                     unknown.append(rel)
