@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 
 import click
 
 from v2m_bench.errors import V2MError
-from v2m_bench.fileio import progress_enabled  # noqa: F401 - the commands' one rule for progress bars
+from v2m_bench.fileio import progress_enabled  # noqa: F401 - the commands' progress switch
+
+
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 class UserError(click.ClickException):
@@ -30,6 +35,12 @@ def user_errors(fn):
             raise UserError(str(e)) from None
         except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
             raise UserError(f"{e.filename}: {e.strerror}") from None
+        except OSError as e:  # disk full, read-only file system, ...: what was finished is kept
+            if e.errno is None:
+                raise
+            what = e.strerror or os.strerror(e.errno)
+            advice = "; free some space and rerun (finished work is kept)" if e.errno in _FULL else ""
+            raise UserError(f"{e.filename}: {what}{advice}" if e.filename else f"{what}{advice}") from None
 
     return wrapper
 

@@ -86,6 +86,8 @@ def common_options(cls, exclude=frozenset()):
             click.option("--seed", type=click.IntRange(min=0), default=d["seed"], show_default=True,
                          help="Seed of every random choice (same seed, same run)."),
             click.option("--resume", is_flag=True, help="Continue from --out when it exists."),
+            click.option("--overwrite", is_flag=True, help="Replace an existing --out (without it, an existing "
+                         "checkpoint is refused unless --resume)."),
             click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]), default=d["amp"], show_default=True,
                          help="Mixed precision on CUDA (auto: bf16 if supported, else fp16 + GradScaler)."),
             click.option("--loader", type=click.Choice(["cpu", "gpu"]), default=d["loader"], show_default=True,
@@ -133,7 +135,11 @@ def _config(ctx: click.Context, cls, params: dict, log):
 
     params = dict(params)
     resume = params.pop("resume")
+    overwrite = params.pop("overwrite", False)
     out = params.pop("out")
+    if Path(out).is_symlink() or (Path(out).exists() and not Path(out).is_file()):
+        raise UserError(f"{out}: --out must be a checkpoint file path, not a folder or a symbolic link")
+
     params["progress"] = progress_enabled(params.get("progress"))
     if params.get("encoder_channels") is None:
         params.pop("encoder_channels", None)
@@ -153,7 +159,29 @@ def _config(ctx: click.Context, cls, params: dict, log):
         log(f"resuming {out}")
     else:
         cfg = cls(**params)
+    _check_channels(cfg)
+    if not resume and not overwrite and Path(out).exists():
+        raise UserError(f"{out}: exists; pass --resume to continue that run or --overwrite to replace it")
     return cfg, out, resume
+
+
+def _check_channels(cfg) -> None:
+    """The voice encoder's first width must be the build's log-mel band count (checked before training)."""
+    channels = getattr(cfg, "encoder_channels", None)
+    if not channels:
+        return
+    n_mels = 64
+    try:
+        from v2m_data.shards import open_dataset
+
+        ds = open_dataset(cfg.data)
+        if ds.shards:
+            n_mels = int(ds.shards[0].attrs["n_mels"])
+    except Exception:  # noqa: BLE001 - an unreadable build is reported by the run itself
+        pass
+    if int(channels[0]) != n_mels:
+        raise UserError(f"--channels: the first width is the number of log-mel bands of the build's features "
+                        f"({n_mels}), got {channels[0]}")
 
 
 def _report(result, log) -> None:

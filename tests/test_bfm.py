@@ -107,3 +107,91 @@ def test_incomplete_folder_names_missing_file(bfm_dir, tmp_path):
         shutil.copy(bfm_dir / f, bad / f)
     with pytest.raises(BFMNotFoundError, match="w_exp_sim.npy"):
         load_bfm(bad, cache=False)
+
+
+# ------------------------------------------------------------------ hostile or broken BFM files
+def _bfm_with(bfm_dir, tmp_path, name, data):
+    """A BFM folder linking the genuine files except ``name``, which holds ``data`` (bytes)."""
+    folder = tmp_path / "bfm"
+    folder.mkdir()
+    for f in BFM_FILES:
+        if f != name:
+            (folder / f).symlink_to(bfm_dir / f)
+    (folder / name).write_bytes(data)
+    return folder
+
+
+def _whitening(bfm_dir, **changes):
+    with open(bfm_dir / "param_whitening.pkl", "rb") as fh:
+        d = pickle.load(fh, encoding="latin1")
+    d.update(changes)
+    return pickle.dumps(d)
+
+
+def _npy(arr=None, header_shape=None, dtype="<f4"):
+    import io
+
+    buf = io.BytesIO()
+    if header_shape is None:
+        np.save(buf, arr, allow_pickle=False)
+    else:
+        np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": header_shape})
+        buf.write(b"\0" * 64)
+    return buf.getvalue()
+
+
+def _laughs(depth=40, width=10):
+    x = [1.0]
+    for _ in range(depth):
+        x = [x] * width  # shared references: a tiny pickle, 10**40 floats once expanded
+    return pickle.dumps({"param_mean": x, "param_std": x})
+
+
+N3 = 53215 * 3
+
+
+@pytest.mark.parametrize(
+    "name, make, match",
+    [
+        ("param_whitening.pkl", lambda d: _whitening(d, param_mean="abc" * 30), "param_mean: expected a numpy array, found str"),
+        ("param_whitening.pkl", lambda d: _whitening(d, param_mean={"a": 1}), "param_mean: expected a numpy array, found dict"),
+        ("param_whitening.pkl", lambda d: _laughs(), "param_mean: expected a numpy array, found list"),
+        ("param_whitening.pkl", lambda d: _whitening(d, param_std=np.zeros(62, np.float32)), "param_std: standard deviations must be > 0"),
+        ("param_whitening.pkl", lambda d: _whitening(d, param_std=np.full(62, np.nan, np.float32)), "param_std: holds NaN"),
+        ("param_whitening.pkl", lambda d: _whitening(d, param_mean=np.zeros(62, np.complex64)), "param_mean: expected real numbers, found dtype complex64"),
+        ("u_shp.npy", lambda d: _npy(header_shape=(10**11, 1)), r"expected shape \(159645, 1\), found \(100000000000, 1\)"),
+        ("u_shp.npy", lambda d: _npy(np.full((N3, 1), "x")), "expected real numbers, found dtype <U1"),
+        ("u_shp.npy", lambda d: _npy(np.full((N3, 1), np.nan, np.float32)), "holds NaN or infinite values"),
+        ("u_shp.npy", lambda d: _npy(np.ones((N3, 1), np.complex64)), "expected real numbers, found dtype complex64"),
+        ("u_shp.npy", lambda d: b"1.0\n2.0\n", r"not a .npy array file"),
+        ("keypoints_sim.npy", lambda d: _npy(np.load(d / "keypoints_sim.npy") + 0.5), "fractional ids"),
+        ("tri.mat", lambda d: _mat(np.full((3, 10), 1.5)), "tri: holds fractional ids"),
+        ("tri.mat", lambda d: _mat(np.zeros((3, 0))), r"tri: expected a \(3, F\) array, found \(3, 0\)"),
+        ("tri.mat", lambda d: _mat(np.array([["a", "b", "c"]])), "tri: expected real numbers"),
+    ],
+    ids=["str-mean", "dict-mean", "billion-laughs", "zero-std", "nan-std", "complex-mean", "huge-header", "str-dtype",
+         "nan", "complex", "text-npy", "fractional-keypoints", "fractional-tri", "empty-tri", "str-tri"],
+)
+def test_bad_bfm_files_are_one_line_errors_naming_the_file(bfm_dir, tmp_path, name, make, match):
+    folder = _bfm_with(bfm_dir, tmp_path, name, make(bfm_dir))
+    with pytest.raises(ValidationError, match=match) as info:
+        load_bfm(folder, cache=False)
+    msg = str(info.value)
+    assert "\n" not in msg and str(folder / name) in msg
+    assert "pickled" not in msg
+
+
+def _mat(tri):
+    import io
+
+    from scipy.io import savemat
+
+    buf = io.BytesIO()
+    savemat(buf, {"tri": tri})
+    return buf.getvalue()
+
+
+def test_oversized_pickle_is_refused_before_reading(bfm_dir, tmp_path):
+    folder = _bfm_with(bfm_dir, tmp_path, "param_whitening.pkl", b"\0" * (17 << 20))
+    with pytest.raises(ValidationError, match=r"param_whitening.pkl: 17825792 bytes, more than"):
+        load_bfm(folder, cache=False)

@@ -37,6 +37,20 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         if failing:
             self.send_error(503, "try later")
             return
+        if name in getattr(srv, "redirect", ()):
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if name in getattr(srv, "nolength", ()) and (srv.root / name).is_file():
+            data = (srv.root / name).read_bytes()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])  # no Content-Length: EOF looks like the end
+            self.wfile.flush()
+            self.close_connection = True
+            return
         if name in srv.truncate and (srv.root / name).is_file():
             data = (srv.root / name).read_bytes()
             self.send_response(200)
@@ -384,3 +398,80 @@ def test_cli_fetches_the_shared_bfm_through_a_mirror(bfm_dir, server, tmp_path):
     # the files that are byte-identical to the public release are recognised as such
     for name in ("u_shp.npy", "u_exp.npy", "keypoints_sim.npy", "param_whitening.pkl", "tri.mat"):
         assert model.md5[name] == GENUINE_MD5[name]
+
+
+# ------------------------------------------------------------------ hostile servers and folders
+
+
+def test_planted_link_at_the_temporary_name_is_never_written_through(server, tmp_path):
+    md5 = _fake_files(server.root)
+    md5["u_exp.npy"] = "0" * 32  # refused
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    for name in BFM_FILES:  # the names an attacker could predict
+        (dest / (name + ".part")).symlink_to(victim)
+    with pytest.raises(ChecksumError):
+        _fetch(server, dest, md5)
+    assert victim.read_text() == "precious"
+    assert not list(dest.glob(".*.tmp"))
+
+
+def test_link_at_the_destination_is_refused_not_replaced(server, tmp_path):
+    md5 = _fake_files(server.root)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (dest / "u_shp.npy").symlink_to(victim)
+    with pytest.raises(ValidationError, match="u_shp.npy.*symbolic link"):
+        _fetch(server, dest, md5)
+    assert victim.read_text() == "precious" and (dest / "u_shp.npy").is_symlink()
+
+
+def test_md5_refusal_keeps_the_existing_file(server, tmp_path):
+    md5 = _fake_files(server.root)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "u_exp.npy").write_bytes(b"mine")
+    md5["u_exp.npy"] = "0" * 32
+    with pytest.raises(ChecksumError):
+        _fetch(server, dest, md5, force=True)
+    assert (dest / "u_exp.npy").read_bytes() == b"mine"
+    assert not [p for p in dest.iterdir() if p.name.startswith(".")]
+
+
+def test_no_verify_refuses_a_transfer_without_content_length(server, tmp_path):
+    md5 = _fake_files(server.root)
+    server.nolength = {"w_exp_sim.npy"}
+    dest = tmp_path / "dest"
+    with pytest.raises(DownloadError, match="w_exp_sim.npy.*no Content-Length") as info:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _fetch(server, dest, {n: "0" * 32 for n in md5}, verify=False)
+    assert "\n" not in str(info.value)
+    assert not (dest / "w_exp_sim.npy").exists()
+
+
+def test_files_over_the_size_limit_are_refused(server, tmp_path):
+    md5 = _fake_files(server.root)
+    dest = tmp_path / "dest"
+    with pytest.raises(DownloadError, match=r"u_shp.npy: .* more than the limit of 100"):
+        _fetch(server, dest, md5, max_bytes=100)
+    assert not (dest / "u_shp.npy").exists()
+    server.nolength = {"u_shp.npy"}  # no announced length: counted while it arrives
+    with pytest.raises(DownloadError, match=r"u_shp.npy: .*sent more than the limit of 100 bytes"):
+        _fetch(server, dest, md5, max_bytes=100)
+    assert not dest.exists() or not list(dest.iterdir())
+
+
+def test_redirect_loop_is_one_line(server, tmp_path):
+    md5 = _fake_files(server.root)
+    server.redirect = {"u_shp.npy"}
+    runner = CliRunner()
+    res = runner.invoke(bench_fetch.command, ["--base-url", server.url, "--dest", str(tmp_path / "d"), "--no-progress",
+                                              "--timeout", "5"])
+    assert res.exit_code == 2, res.output
+    last = res.output.rstrip("\n").splitlines()[-1]
+    assert last.startswith("error: u_shp.npy: HTTP 302") and "redirect" in last, res.output

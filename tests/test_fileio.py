@@ -64,3 +64,14 @@ def test_progress_is_silent_when_disabled():
     assert list(bar) == [0, 1, 2]
     bar.update(1)
     bar.close()
+
+
+def test_a_silent_bar_still_prints_lines_like_tqdm_write(capsys):
+    fileio.progress(total=3, enabled=False).write("[supervised 2] loss 0.5")
+    assert capsys.readouterr().out == "[supervised 2] loss 0.5\n"
+
+
+def test_temp_names_of_long_non_ascii_names_fit_in_255_bytes(tmp_path):
+    name = "😀" * 60 + ".obj"  # 244 bytes: a valid name, whose temporary name must be valid too
+    fileio.write_text(tmp_path / name, "x")
+    assert (tmp_path / name).read_text() == "x" and len(list(tmp_path.iterdir())) == 1

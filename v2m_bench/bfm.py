@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BFMNotFoundError, ValidationError
+from .fileio import atomic_path, md5_file
 
 __all__ = [
     "MorphableModel",
@@ -78,14 +79,6 @@ def default_cache_dir() -> Path:
     return base / "voice2mesh"
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Unpickler that admits dicts and numpy arrays and nothing else."""
 
@@ -106,54 +99,101 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refused to load {module}.{name}: only dicts and numpy arrays are allowed")
 
 
+#: Largest BFM side file read (param_whitening.pkl, tri.mat; the genuine ones are < 2 MB).
+_MAX_SIDE_FILE = 16 << 20
+
+
+def _check_size(path: Path, limit: int = _MAX_SIDE_FILE) -> None:
+    size = path.stat().st_size
+    if size > limit:
+        raise ValidationError(f"{size} bytes, more than the {limit} a BFM file of this kind can hold", path=path)
+
+
+def _real_array(arr, path: Path, key: str | None = None, *, integer: bool = False) -> np.ndarray:
+    """Refuse non-numeric, complex, non-finite (or, with ``integer``, fractional) arrays."""
+    if not isinstance(arr, np.ndarray):
+        raise ValidationError(f"expected a numpy array, found {type(arr).__name__}", path=path, key=key)
+    if arr.dtype.kind not in "biuf":
+        raise ValidationError(f"expected real numbers, found dtype {arr.dtype}", path=path, key=key)
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)):
+            raise ValidationError("holds NaN or infinite values", path=path, key=key)
+        if integer and not np.all(arr == np.round(arr)):
+            raise ValidationError("holds fractional ids, expected whole numbers", path=path, key=key)
+    return arr
+
+
 def _load_whitening(path: Path) -> dict[str, np.ndarray]:
+    _check_size(path)
     try:
         obj = _ArrayOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise ValidationError(f"cannot read the pickle: {e}", path=path) from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError,
+            RecursionError, MemoryError) as e:
+        raise ValidationError(f"cannot read the pickle: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                              path=path) from None
     if not isinstance(obj, dict):
         raise ValidationError(f"expected a dict, found {type(obj).__name__}", path=path)
     out = {}
     for key in ("param_mean", "param_std"):
         if key not in obj:
             raise ValidationError("missing entry", path=path, key=key)
-        arr = np.asarray(obj[key], dtype=np.float32).reshape(-1)
-        if arr.shape != (62,):
+        # only arrays: a nested list could be a "billion laughs" of shared references
+        arr = _real_array(obj[key], path, key)
+        if arr.size != 62:
             raise ValidationError(f"expected shape (62,), found {arr.shape}", path=path, key=key)
+        arr = arr.astype(np.float32).reshape(-1)
+        if not np.all(np.isfinite(arr)):
+            raise ValidationError("holds values too large for float32", path=path, key=key)
         out[key] = arr
+    if not np.all(out["param_std"] > 0):
+        raise ValidationError("standard deviations must be > 0", path=path, key="param_std")
     return out
 
 
 def _load_triangles(path: Path) -> np.ndarray:
     from scipy.io import loadmat
 
+    _check_size(path)
     try:
         mat = loadmat(str(path))
     except Exception as e:  # scipy raises several types for a bad file
         raise ValidationError(f"cannot read the MATLAB file: {e}", path=path) from None
     if "tri" not in mat:
         raise ValidationError("missing variable", path=path, key="tri")
-    tri = np.asarray(mat["tri"])
-    if tri.ndim != 2 or 3 not in tri.shape:
+    tri = _real_array(np.asarray(mat["tri"]), path, "tri", integer=True)
+    if tri.ndim != 2 or 3 not in tri.shape or tri.size == 0:
         raise ValidationError(f"expected a (3, F) array, found {tri.shape}", path=path, key="tri")
     if tri.shape[0] == 3 and tri.shape[1] != 3:
         tri = tri.T
-    tri = tri.astype(np.int64) - 1  # MATLAB ids are 1-based
-    if tri.min() < 0 or tri.max() >= N_VERTICES:
+    if tri.min() < 1 or tri.max() > N_VERTICES:
         raise ValidationError(f"vertex ids outside 1..{N_VERTICES}", path=path, key="tri")
+    tri = tri.astype(np.int64) - 1  # MATLAB ids are 1-based
     # 3DDFA's tri.mat winds clockwise seen from outside; re-wind counter-clockwise so that
     # normals point out of the face (what OBJ/PLY viewers and renderers expect).
     return np.ascontiguousarray(tri[:, [0, 2, 1]])
 
 
-def _load_npy(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+def _load_npy(path: Path, shape: tuple[int, ...], *, integer: bool = False) -> np.ndarray:
+    # the header first: its shape and dtype are checked before anything is allocated
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                hshape, _fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+            else:
+                hshape, _fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as e:
+        raise ValidationError(f"not a .npy array file ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                              path=path) from None
+    if tuple(hshape) != shape:
+        raise ValidationError(f"expected shape {shape}, found {tuple(hshape)}", path=path)
+    if dtype.kind not in "biuf" or dtype.hasobject:
+        raise ValidationError(f"expected real numbers, found dtype {dtype}", path=path)
     try:
         arr = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise ValidationError(f"cannot read the array: {e}", path=path) from None
-    if arr.shape != shape:
-        raise ValidationError(f"expected shape {shape}, found {arr.shape}", path=path)
-    return arr
+    return _real_array(arr, path, integer=integer)
 
 
 @dataclass(eq=False)
@@ -309,14 +349,12 @@ class MorphableModel:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model as one ``.npz`` file (written atomically) and return its path."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         arrays = {k: getattr(self, k) for k in _ARRAY_FIELDS}
         md5_keys = np.array(sorted(self.md5), dtype=str)
         md5_vals = np.array([self.md5[k] for k in sorted(self.md5)], dtype=str)
-        with open(tmp, "wb") as f:
-            np.savez(f, format=np.int64(_CACHE_FORMAT), md5_keys=md5_keys, md5_values=md5_vals, **arrays)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, format=np.int64(_CACHE_FORMAT), md5_keys=md5_keys, md5_values=md5_vals, **arrays)
         return path
 
 
@@ -367,12 +405,12 @@ def _from_train_configs(folder: Path) -> MorphableModel:
     u_exp = _load_npy(folder / "u_exp.npy", (n3, 1))
     w_shp = _load_npy(folder / "w_shp_sim.npy", (n3, N_SHAPE))
     w_exp = _load_npy(folder / "w_exp_sim.npy", (n3, N_EXPRESSION))
-    kp = _load_npy(folder / "keypoints_sim.npy", (204,)).astype(np.int64)
+    kp = _load_npy(folder / "keypoints_sim.npy", (204,), integer=True).astype(np.int64)
     if not (np.all(kp[0::3] % 3 == 0) and np.all(kp[1::3] == kp[0::3] + 1) and np.all(kp[2::3] == kp[0::3] + 2)):
         raise ValidationError("expected rows 3k, 3k+1, 3k+2 for each keypoint", path=folder / "keypoints_sim.npy")
     white = _load_whitening(folder / "param_whitening.pkl")
     tri = _load_triangles(folder / "tri.mat")
-    md5 = {f: _md5(folder / f) for f in BFM_FILES}
+    md5 = {f: md5_file(folder / f) for f in BFM_FILES}
     pm, ps = white["param_mean"], white["param_std"]
     return MorphableModel(
         mean=(u_shp + u_exp).reshape(N_VERTICES, 3).astype(np.float32),

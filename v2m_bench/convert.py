@@ -26,6 +26,7 @@ import numpy as np
 
 from .bfm import N_VERTICES
 from .errors import ValidationError
+from .fileio import progress as progress_bar
 from .formats import UNITS_TO_BFM, write_predictions
 
 __all__ = [
@@ -120,16 +121,56 @@ def find_cmp_files(folder: str | os.PathLike) -> list[tuple[str, str, Path]]:
             f"{len(loose)} .obj files directly in the folder (e.g. {loose[0]!r}); expected FOLDER/<Name>/<video>_<utt>.obj",
             path=folder,
         )
+    root = folder.resolve()
     out = []
     for sub in sorted(folder.iterdir()):
-        if not sub.is_dir() or sub.name.startswith("."):
+        _check_entry(sub, root, folder)
+        if not sub.is_dir():
             continue
+        if sub.name.startswith("."):
+            raise ValidationError(f"hidden folder {_shown(sub.name)}: identity folders cannot start with '.'; "
+                                  "move it out of FOLDER", path=folder)
+        ident = _utf8(sub.name, sub)
         for f in sorted(sub.iterdir()):
-            if f.is_file() and f.suffix.lower() == ".obj" and not f.name.startswith("."):
-                out.append((sub.name, f.stem, f))
+            if f.suffix.lower() != ".obj":
+                continue
+            _check_entry(f, root, folder)
+            if f.name.startswith("."):
+                raise ValidationError("hidden .obj file: utterance names cannot start with '.'; move it out of FOLDER",
+                                      path=_shown(f))
+            if not f.is_file():
+                raise ValidationError("not a regular file (a folder, FIFO or device named .obj)", path=_shown(f))
+            out.append((ident, _utf8(f.stem, f), f))
     if not out:
         raise ValidationError("no .obj files in FOLDER/<Name>/ (expected FOLDER/<Name>/<video>_<utt>.obj)", path=folder)
     return out
+
+
+def _shown(p) -> str:
+    """A path for a message: undecodable bytes shown as escapes, never raising."""
+    return os.fsencode(p).decode("utf-8", "backslashreplace")
+
+
+def _utf8(name: str, path: Path) -> str:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError("name is not valid UTF-8 (identities and utterances are stored as UTF-8); rename it",
+                              path=_shown(path)) from None
+    return name
+
+
+def _check_entry(p: Path, root: Path, folder: Path) -> None:
+    """Refuse links leading out of FOLDER, dangling links, FIFOs, sockets and devices."""
+    if p.is_symlink():
+        if not p.exists():
+            raise ValidationError("dangling symbolic link", path=_shown(p))
+        target = p.resolve()
+        if target != root and root not in target.parents:
+            raise ValidationError(f"symbolic link to {_shown(target)}, outside {_shown(folder)}; "
+                                  "convert-cmp reads only what is inside FOLDER", path=_shown(p))
+    if p.exists() and not (p.is_dir() or p.is_file()):
+        raise ValidationError("not a regular file or folder (a FIFO, socket or device)", path=_shown(p))
 
 
 @dataclass(frozen=True)
@@ -209,9 +250,7 @@ def convert_cmp(
     def meshes():
         it = files
         if progress:
-            from tqdm import tqdm
-
-            it = tqdm(files, desc="convert-cmp", unit="mesh")
+            it = progress_bar(files, total=len(files), desc="convert-cmp", unit="mesh", enabled=True)
         for _, _, path in it:
             v = read_obj_vertices(path, counts["v"])
             if counts["v"] is None:

@@ -26,8 +26,10 @@ from pathlib import Path
 
 from .bfm import BFM_FILES, GENUINE_MD5, default_cache_dir
 from .errors import DownloadError, ValidationError
+from .fileio import atomic_path, md5_file
+from .fileio import progress as progress_bar
 
-__all__ = ["fetch_bfm", "BFM_URLS", "ChecksumError", "NotGenuineWarning", "default_bfm_dest", "bfm_urls"]
+__all__ = ["fetch_bfm", "BFM_URLS", "MAX_BYTES", "ChecksumError", "NotGenuineWarning", "default_bfm_dest", "bfm_urls"]
 
 _REPO = "https://github.com/cleardusk/3DDFA/blob/master"
 
@@ -37,6 +39,8 @@ BFM_URLS = {
 }
 
 _CHUNK = 1 << 16
+#: Largest BFM file :func:`fetch_bfm` accepts by default (the largest genuine one is 25.5 MB).
+MAX_BYTES = 64 << 20
 # HTTP statuses worth another try; every other HTTP error (404, 403, ...) fails at once.
 _TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 
@@ -78,27 +82,16 @@ def bfm_urls(base_url: str | None = None) -> dict[str, str]:
     return {name: f"{base}/{name}" for name in BFM_FILES}
 
 
-def _md5_file(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _progress_bar(name: str, total: int | None, enabled: bool):
-    """A tqdm bar, or None when disabled or tqdm is not importable."""
+    """A byte progress bar (:func:`v2m_bench.fileio.progress`), or None when disabled."""
     if not enabled:
         return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=name, unit="B", unit_scale=True, unit_divisor=1024, leave=True)
+    return progress_bar(total=total, desc=name, unit="B", enabled=True, unit_scale=True, unit_divisor=1024, leave=True)
 
 
-def _download_once(url: str, part: Path, name: str, timeout: float, progress: bool) -> str:
-    """Stream ``url`` into ``part``; return the md5 of what was written.
+def _download_once(url: str, part: Path, name: str, timeout: float, progress: bool, max_bytes: int,
+                   need_length: bool) -> str:
+    """Stream ``url`` into ``part`` (an existing, exclusively created file); return the md5 of it.
 
     Raises _Transient for errors worth retrying, DownloadError for the others.
     """
@@ -106,21 +99,29 @@ def _download_once(url: str, part: Path, name: str, timeout: float, progress: bo
     try:
         resp = urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as e:
-        msg = f"{name}: HTTP {e.code} {e.reason} for {url}"
+        msg = f"{name}: HTTP {e.code} {_one_line(e.reason)} for {url}"
         e.close()
         if e.code in _TRANSIENT_HTTP:
             raise _Transient(msg) from None
         raise DownloadError(msg) from None
     except urllib.error.URLError as e:
-        raise _Transient(f"{name}: cannot reach {url}: {e.reason}") from None
+        raise _Transient(f"{name}: cannot reach {url}: {_one_line(e.reason)}") from None
     except (OSError, http.client.HTTPException) as e:
-        raise _Transient(f"{name}: cannot reach {url}: {e!r}") from None
+        raise _Transient(f"{name}: cannot reach {url}: {_one_line(e)}") from None
 
     h = hashlib.md5()
     got = 0
     with resp:
         length = resp.headers.get("Content-Length")
-        total = int(length) if length and length.isdigit() else None
+        total = int(length) if length and length.strip().isdigit() else None
+        chunked = "chunked" in (resp.headers.get("Transfer-Encoding") or "").lower()
+        if total is not None and total > max_bytes:
+            raise DownloadError(f"{name}: {url} announces {total} bytes, more than the limit of {max_bytes}")
+        if total is None and not chunked and need_length:
+            raise DownloadError(
+                f"{name}: {url} sent no Content-Length, so a truncated transfer cannot be told from a complete "
+                "one and the md5 is not checked; serve the length or verify the files"
+            )
         try:
             f = open(part, "wb")
         except OSError as e:
@@ -132,20 +133,21 @@ def _download_once(url: str, part: Path, name: str, timeout: float, progress: bo
                     try:
                         chunk = resp.read(_CHUNK)
                     except (OSError, http.client.HTTPException) as e:  # reset, timeout, IncompleteRead
-                        raise _Transient(f"{name}: transfer from {url} failed after {got} bytes: {e!r}") from None
+                        raise _Transient(f"{name}: transfer from {url} failed after {got} bytes: {_one_line(e)}") from None
                     if not chunk:
                         break
+                    got += len(chunk)
+                    if got > max_bytes:
+                        raise DownloadError(f"{name}: {url} sent more than the limit of {max_bytes} bytes")
                     try:
                         f.write(chunk)
                     except OSError as e:  # disk full, ...: not worth retrying
                         raise DownloadError(f"{name}: cannot write {part}: {e.strerror}") from None
                     h.update(chunk)
-                    got += len(chunk)
                     if bar is not None:
                         bar.update(len(chunk))
                 try:
                     f.flush()
-                    os.fsync(f.fileno())
                 except OSError as e:
                     raise DownloadError(f"{name}: cannot write {part}: {e.strerror}") from None
         finally:
@@ -154,6 +156,11 @@ def _download_once(url: str, part: Path, name: str, timeout: float, progress: bo
     if total is not None and got != total:
         raise _Transient(f"{name}: incomplete transfer from {url}: got {got} of {total} bytes")
     return h.hexdigest()
+
+
+def _one_line(e) -> str:
+    text = repr(e) if isinstance(e, BaseException) else str(e)
+    return " ".join(text.split())
 
 
 def fetch_bfm(
@@ -168,12 +175,14 @@ def fetch_bfm(
     retries: int = 3,
     backoff: float = 1.0,
     log: Callable[[str], None] | None = None,
+    max_bytes: int = MAX_BYTES,
 ) -> Path:
     """Download the seven 3DDFA BFM files into a ``train.configs`` folder.
 
-    Each file is streamed to ``NAME.part`` in ``dest``, its md5 checked, then moved over ``NAME``
-    with :func:`os.replace` (atomic): a failed or refused download leaves no partial file and never
-    removes a file already there. Files already present with the expected md5 are not downloaded
+    Each file is streamed to a temporary file with an unpredictable name, created exclusively in
+    ``dest`` (:func:`v2m_bench.fileio.atomic_path`: no planted link is followed), its length and
+    md5 checked, then moved over ``NAME`` (atomic): a failed or refused download leaves no
+    partial file and never removes or overwrites a file already there. Files already present with the expected md5 are not downloaded
     again (so an interrupted fetch resumes where it stopped) unless ``force``.
 
     Parameters
@@ -205,6 +214,8 @@ def fetch_bfm(
         Base delay in seconds between attempts.
     log : callable, optional
         Called with one line per file saying what was done (downloaded, already present).
+    max_bytes : int, default :data:`MAX_BYTES`
+        Largest file accepted; a server announcing or sending more is refused.
 
     Returns
     -------
@@ -215,7 +226,8 @@ def fetch_bfm(
     ------
     DownloadError
         One line naming the file and URL: HTTP error, unreachable host, truncated transfer after
-        the retries, or (:class:`ChecksumError`) md5 mismatch with expected and actual values.
+        the retries, a file over ``max_bytes``, no Content-Length with ``verify=False``, or
+        (:class:`ChecksumError`) md5 mismatch with expected and actual values.
     ValidationError
         ``verify=False`` without ``base_url``, or ``expected_md5`` lacking a file.
     """
@@ -243,17 +255,16 @@ def fetch_bfm(
 
     not_genuine = []
     for name in BFM_FILES:
-        target, part, url = dest / name, dest / (name + ".part"), urls[name]
-        if not force and target.is_file() and _md5_file(target) == expected[name]:
+        target, url = dest / name, urls[name]
+        if not force and target.is_file() and not target.is_symlink() and md5_file(target) == expected[name]:
             say(f"{name}: already present (md5 ok)")
             continue
-        got = _fetch_with_retries(url, part, name, timeout, progress, retries, backoff)
-        if got != expected[name]:
-            if verify:
-                part.unlink(missing_ok=True)
-                raise ChecksumError(name, url, expected[name], got, mirror)
-            not_genuine.append(name)
-        os.replace(part, target)
+        with atomic_path(target) as part:
+            got = _fetch_with_retries(url, part, name, timeout, progress, retries, backoff, max_bytes, not verify)
+            if got != expected[name]:
+                if verify:
+                    raise ChecksumError(name, url, expected[name], got, mirror)
+                not_genuine.append(name)
         say(f"{name}: downloaded from {url}" + ("" if got == expected[name] else " (md5 differs from the genuine file)"))
 
     if not_genuine:
@@ -267,19 +278,16 @@ def fetch_bfm(
 
 
 def _fetch_with_retries(
-    url: str, part: Path, name: str, timeout: float, progress: bool, retries: int, backoff: float
+    url: str, part: Path, name: str, timeout: float, progress: bool, retries: int, backoff: float,
+    max_bytes: int, need_length: bool,
 ) -> str:
-    """Download to ``part`` with bounded retries; ``part`` exists only on success."""
+    """Download into ``part`` with bounded retries; return the md5 of what arrived."""
     for attempt in range(retries + 1):
         try:
-            return _download_once(url, part, name, timeout, progress)
+            return _download_once(url, part, name, timeout, progress, max_bytes, need_length)
         except _Transient as e:
-            part.unlink(missing_ok=True)
             if attempt == retries:
                 tries = f" (after {retries + 1} attempts)" if retries else ""
                 raise DownloadError(f"{e}{tries}") from None
             time.sleep(backoff * 2**attempt)
-        except BaseException:
-            part.unlink(missing_ok=True)
-            raise
     raise AssertionError("unreachable")  # pragma: no cover

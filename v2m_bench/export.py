@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -36,6 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ValidationError
+from .fileio import progress as progress_bar
+from .fileio import write_bytes
 
 __all__ = ["EXPORT_FORMATS", "EXPORT_UNITS", "ExportResult", "safe_name", "obj_bytes", "ply_bytes", "write_mesh",
            "export_meshes"]
@@ -47,6 +48,7 @@ EXPORT_UNITS = {"bfm": 1.0, "mm": 1e-3}
 _UNSAFE = re.compile(r"[^\w.+-]", re.UNICODE)
 _RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 _MAX_NAME = 120
+_MAX_NAME_BYTES = 240
 
 
 def safe_name(name: str) -> str:
@@ -68,6 +70,8 @@ def safe_name(name: str) -> str:
     if clean.split(".")[0].upper() in _RESERVED:
         clean = "_" + clean
     clean = clean[:_MAX_NAME]
+    # file systems count bytes (255 a name): room for "_<8 hex>" and a suffix
+    clean = clean.encode("utf-8")[:_MAX_NAME_BYTES].decode("utf-8", "ignore")
     if clean != s or not clean:
         clean = f"{clean}_{hashlib.sha256(s.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
     return clean
@@ -139,15 +143,8 @@ def write_mesh(path, vertices, triangles, fmt: str | None = None) -> Path:
     if fmt not in EXPORT_FORMATS:
         raise ValidationError(f"unknown mesh format {fmt!r}; expected obj or ply", key="format")
     data = obj_bytes(vertices, triangles) if fmt == "obj" else ply_bytes(vertices, triangles)
-    _atomic_bytes(path, data)
+    write_bytes(path, data)
     return path
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -216,7 +213,6 @@ def export_meshes(path, out, model=None, *, format: str = "obj", units: str = "b
     """
     from .bfm import MorphableModel, load_bfm
     from .formats import read_predictions, read_references
-    from .scoring import _progress
 
     fmt = str(format).lower()
     if fmt not in EXPORT_FORMATS:
@@ -247,7 +243,7 @@ def export_meshes(path, out, model=None, *, format: str = "obj", units: str = "b
     targets = [_inside(out, out / r) for r in rel]
     factor = EXPORT_UNITS[units]
     faces = _obj_faces(model.triangles).encode("ascii") if fmt == "obj" else None
-    bar = _progress(len(rel), "export", progress)
+    bar = progress_bar(total=len(rel), desc="export", unit="mesh", enabled=progress)
     try:
         for pos, verts in rows.iter_vertices(model, chunk_size=chunk_size):
             for j, row in enumerate(pos.tolist()):
@@ -256,7 +252,7 @@ def export_meshes(path, out, model=None, *, format: str = "obj", units: str = "b
                     data = (("v %.9g %.9g %.9g\n" * v.shape[0]) % tuple(v.ravel())).encode("ascii") + faces
                 else:
                     data = ply_bytes(v, model.triangles, comment=f"voice2mesh {kind}, units {units}")
-                _atomic_bytes(targets[row], data)
+                write_bytes(targets[row], data)
             bar.update(len(pos))
     finally:
         bar.close()
@@ -265,6 +261,6 @@ def export_meshes(path, out, model=None, *, format: str = "obj", units: str = "b
     w.writerow(["identity", "utterance", "file"] if utts is not None else ["identity", "file"])
     for i, r in enumerate(rel):
         w.writerow([ids[i], utts[i], r.as_posix()] if utts is not None else [ids[i], r.as_posix()])
-    _atomic_bytes(out / "index.csv", buf.getvalue().encode("utf-8"))
+    write_bytes(out / "index.csv", buf.getvalue().encode("utf-8"))
     return ExportResult(out=out, kind=kind, n_meshes=len(rel), format=fmt, units=units,
                         files=tuple(targets))

@@ -78,8 +78,9 @@ def _fsync_dir(folder: Path) -> None:
 
 def _new_temp(folder: Path, name: str) -> Path:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    stem = os.fsdecode(os.fsencode(name)[:64])  # names are limited in bytes (255), not characters
     for _ in range(100):
-        tmp = folder / f".{name[:64]}.{secrets.token_hex(8)}.tmp"
+        tmp = folder / f".{stem}.{secrets.token_hex(8)}.tmp"
         try:
             fd = os.open(tmp, flags, 0o600)
         except FileExistsError:  # pragma: no cover - 64 random bits
@@ -210,6 +211,11 @@ class _NoBar:
 
     def set_postfix_str(self, *args, **kwargs):
         pass
+
+    @staticmethod
+    def write(s, file=None, end="\n"):
+        """Print a line, as ``tqdm.write`` does (standard output by default)."""
+        print(s, file=file if file is not None else sys.stdout, end=end)
 
     def close(self):
         pass

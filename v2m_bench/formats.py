@@ -23,7 +23,6 @@ in the destination folder, then ``os.replace``), so an existing file survives an
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -33,10 +32,14 @@ import numpy as np
 
 from .bfm import N_EXPRESSION, N_SHAPE, N_VERTICES
 from .errors import ValidationError
+from .fileio import atomic_path
 
 __all__ = [
     "PREDICTIONS_FORMAT",
     "REFERENCES_FORMAT",
+    "MAX_ROWS",
+    "PLAUSIBLE_FACTOR",
+    "check_face_meshes",
     "FORMAT_VERSION",
     "UNITS_TO_BFM",
     "GENDERS",
@@ -52,6 +55,8 @@ __all__ = [
 ]
 
 PREDICTIONS_FORMAT = "v2m-predictions"
+#: Most rows a predictions or references file may hold (checked before reading).
+MAX_ROWS = 10_000_000
 REFERENCES_FORMAT = "v2m-references"
 #: The version this code writes and the newest it reads.
 FORMAT_VERSION = 1
@@ -110,6 +115,66 @@ def _positions(n: int, indices) -> np.ndarray:
         raise ValidationError(f"row index out of range for {n} rows: {e}", key="indices") from None
 
 
+# --------------------------------------------------------------------------- plausible faces
+#: A mesh is taken for a face at its declared units when its extent along each axis is within
+#: this factor (either way) of the model's mean face (BFM: 180,069 x 210,924 x 147,945 units).
+#: A units mix-up (x1,000), a collapsed or all-zero mesh and overflowing coefficients fail it.
+PLAUSIBLE_FACTOR = 10.0
+
+
+def check_face_meshes(vertices, model, *, path=None, key: str = "vertices", rows=None) -> np.ndarray:
+    """Refuse meshes that are not faces at their declared units (:data:`PLAUSIBLE_FACTOR`).
+
+    Parameters
+    ----------
+    vertices : ndarray, shape (B, N, 3) or (N, 3)
+        Meshes in BFM units (micrometres).
+    model : MorphableModel
+        Its mean face gives the expected size.
+    path, key : optional
+        Named in the message (the file and the dataset the rows come from).
+    rows : int array, optional
+        File row of each mesh, for the message.
+
+    Returns
+    -------
+    ndarray
+        ``vertices``, unchanged.
+
+    Raises
+    ------
+    ValidationError
+        Naming the first bad row, its extents and the accepted range.
+    """
+    v = out = np.asarray(vertices)
+    if v.ndim == 2:
+        v = v[None]
+    if v.shape[0] == 0:
+        return out
+    rows = np.arange(v.shape[0]) if rows is None else np.atleast_1d(np.asarray(rows))
+    finite = np.isfinite(v).all(axis=(1, 2))
+    if not finite.all():
+        i = int(np.flatnonzero(~finite)[0])
+        what = "its coefficients are so large that vertices overflow" if key != "vertices" else "non-finite vertices"
+        raise ValidationError(f"row {int(rows[i])}: {what}; not a face", path=_where(path), key=key)
+    ext = v.max(axis=1).astype(np.float64) - v.min(axis=1).astype(np.float64)
+    mean = np.asarray(model.mean, np.float64)
+    want = mean.max(axis=0) - mean.min(axis=0)
+    lo, hi = want / PLAUSIBLE_FACTOR, want * PLAUSIBLE_FACTOR
+    bad = ((ext < lo) | (ext > hi)).any(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        e = " x ".join(f"{x:,.4g}" for x in ext[i])
+        m = " x ".join(f"{x:,.0f}" for x in want)
+        raise ValidationError(
+            f"row {int(rows[i])}: the mesh is {e} BFM units across (x, y, z), not a face at the declared units "
+            f"(the model's mean face is {m}; accepted: 1/{PLAUSIBLE_FACTOR:g} to {PLAUSIBLE_FACTOR:g} times that "
+            f"on each axis; {int(bad.sum())} of {v.shape[0]} meshes read so far fail); check 'units' or the predictor",
+            path=_where(path), key=key,
+        )
+    return out
+
+
 # --------------------------------------------------------------------------- validation of arrays
 def _check_strings(values, key: str, n: int | None, path: Path | None) -> np.ndarray:
     """1-D array of non-empty str; returns a numpy unicode array."""
@@ -138,12 +203,16 @@ def _check_float(values, key: str, shape: tuple, path: Path | None, row_offset: 
     arr = np.asarray(values)
     if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
         raise ValidationError(f"expected floating-point numbers, found dtype {arr.dtype}", path=_where(path), key=key)
-    if arr.ndim != len(shape) or any(s is not None and a != s for a, s in zip(arr.shape, shape)):
-        want = "(" + ", ".join("N" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
-        raise ValidationError(f"expected shape {want}, found {arr.shape}", path=_where(path), key=key)
+    _check_shape(arr.shape, key, shape, path)
     arr = arr.astype(np.float32, copy=False)
     _check_finite(arr, key, path, row_offset)
     return arr
+
+
+def _check_shape(actual: tuple, key: str, shape: tuple, path: Path | None) -> None:
+    if len(actual) != len(shape) or any(s is not None and a != s for a, s in zip(actual, shape)):
+        want = "(" + ", ".join("N" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+        raise ValidationError(f"expected shape {want}, found {tuple(actual)}", path=_where(path), key=key)
 
 
 def _check_finite(arr: np.ndarray, key: str, path: Path | None, row_offset: int = 0) -> None:
@@ -463,23 +532,13 @@ class References(_MeshRows):
 
 # --------------------------------------------------------------------------- writing
 def _atomic_h5(path: Path, fill) -> Path:
-    """Write an HDF5 file via a temporary file in the same folder and ``os.replace``."""
+    """Write an HDF5 file atomically and link-safely (:func:`v2m_bench.fileio.atomic_path`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_dir():
         raise ValidationError("is a folder, expected a file name", path=path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    # os.open honours the umask (mkstemp would leave the result private to the user)
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             fill(f)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -731,6 +790,10 @@ def _open(path: Path) -> h5py.File:
         return h5py.File(path, "r")
     except OSError as e:
         msg = " ".join(str(e).split())
+        if "unable to lock file" in msg.lower():
+            raise ValidationError(
+                "is locked by another program (still being written?); wait until it is done "
+                "(on a file system without locks, set HDF5_USE_FILE_LOCKING=FALSE)", path=path) from None
         raise ValidationError(f"cannot open the HDF5 file (truncated or damaged?): {msg}", path=path) from None
 
 
@@ -762,11 +825,34 @@ def _read_strings(f, key: str, n: int | None, path: Path, required: bool = True)
         raise ValidationError(f"expected strings, found dtype {dset.dtype}", path=path, key=key)
     if dset.ndim != 1:
         raise ValidationError(f"expected shape (N,), found {dset.shape}", path=path, key=key)
+    if n is not None and dset.shape[0] != n:  # checked before anything is read
+        raise ValidationError(f"expected {n} rows (as in 'identity'), found {dset.shape[0]}", path=path, key=key)
+    if dset.shape[0] > MAX_ROWS:
+        raise ValidationError(f"{dset.shape[0]} rows, more than the {MAX_ROWS} a file may hold", path=path, key=key)
     try:
         raw = dset[()]
     except OSError as e:
         raise ValidationError(f"cannot read: {e}", path=path, key=key) from None
     return _check_strings(np.asarray(raw, dtype=object), key, n, path)
+
+
+def _check_row_counts(f, path: Path, others: tuple) -> None:
+    """Refuse an ``identity`` longer than another per-row dataset before reading any of them."""
+    ident = _dataset(f, "identity", path)
+    if ident.ndim != 1:
+        return  # reported by the reader with the usual message
+    n = ident.shape[0]
+    for key in others:
+        if f.get(key, getlink=True) is None:
+            continue
+        other = _dataset(f, key, path)
+        if other.ndim == 0 or other.shape[0] >= n:
+            continue
+        if key in ("shape", "expression"):
+            _check_shape(other.shape, key, (n, N_SHAPE if key == "shape" else N_EXPRESSION), path)
+        elif key == "vertices":
+            raise ValidationError(f"expected shape ({n}, V, 3), found {other.shape}", path=path, key=key)
+        raise ValidationError(f"expected {n} rows (as in 'identity'), found {other.shape[0]}", path=path, key=key)
 
 
 def _read_float(f, key: str, shape: tuple, path: Path, required: bool = True) -> np.ndarray | None:
@@ -775,6 +861,7 @@ def _read_float(f, key: str, shape: tuple, path: Path, required: bool = True) ->
         return None
     if dset.dtype.kind != "f":
         raise ValidationError(f"expected floating-point numbers, found dtype {dset.dtype}", path=path, key=key)
+    _check_shape(dset.shape, key, shape, path)  # before reading
     try:
         data = dset[()]
     except OSError as e:
@@ -881,6 +968,7 @@ def read_predictions(
     path = Path(path)
     with _open(path) as f:
         attrs = _read_format(f, path, PREDICTIONS_FORMAT)
+        _check_row_counts(f, path, ("utterance", "shape", "expression", "vertices"))
         identity = _read_strings(f, "identity", None, path)
         n = len(identity)
         if n == 0:
@@ -908,6 +996,7 @@ def read_references(
     path = Path(path)
     with _open(path) as f:
         attrs = _read_format(f, path, REFERENCES_FORMAT)
+        _check_row_counts(f, path, ("gender", "shape", "expression", "vertices"))
         identity = _read_strings(f, "identity", None, path)
         m = len(identity)
         if m == 0:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ValidationError
+from .fileio import atomic_path, write_text
 from .scoring import METRIC_NAMES, METRIC_UNITS, PAPER_RESULTS, ScoreConfig
 
 __all__ = ["write_report", "VertexErrors", "vertex_errors", "PAPER_COLUMNS"]
@@ -151,6 +151,7 @@ def vertex_errors(rows, references, model, *, config: ScoreConfig | None = None,
     VertexErrors
     """
     from .icp import icp_scores
+    from .formats import check_face_meshes
     from .scoring import _iter_chunks, _progress
 
     config = config or ScoreConfig()
@@ -176,8 +177,8 @@ def vertex_errors(rows, references, model, *, config: ScoreConfig | None = None,
         for chunk in _iter_chunks(len(order), config.chunk_size):
             sel = order[chunk]
             used, local = np.unique(ref_index[sel], return_inverse=True)
-            pv = rows.to_vertices(model, sel)
-            rv = references.to_vertices(model, used)
+            pv = check_face_meshes(rows.to_vertices(model, sel), model, path=getattr(rows, "path", None), rows=sel)
+            rv = check_face_meshes(references.to_vertices(model, used), model, path=references.path, rows=used)
             res, _ = icp_scores(pv, rv, model.triangles, None, group=local, with_scale=config.with_scale,
                                 device=config.device, engine=config.engine, return_distances=True)
             d = np.abs(res.distances).astype(np.float64)
@@ -218,7 +219,8 @@ def _figure(width: float, height: float, dpi: int = 100):
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, metadata={"Software": None})
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", metadata={"Software": None})
     return path
 
 
@@ -501,12 +503,6 @@ def _label(obj, fallback: str) -> str:
     return Path(path).stem if path is not None else fallback
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------ the report
 def write_report(predictions, references, out, model=None, baseline=None, config: ScoreConfig | None = None, *,
                  image_size: int = 320, regions=None) -> Path:
@@ -715,5 +711,5 @@ def write_report(predictions, references, out, model=None, baseline=None, config
             + f'\n<p class="meta">Written by voice2mesh {_e(__version__)} (v2m-bench report).</p>\n'
             + f"<script>{_JS}</script>\n</body>\n</html>\n")
     index = out / "index.html"
-    _atomic_text(index, page)
+    write_text(index, page)
     return index

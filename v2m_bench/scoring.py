@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import ValidationError
+from .fileio import write_text
 
 __all__ = [
     "METRIC_NAMES",
@@ -164,10 +165,10 @@ class Report:
         return out
 
     def to_json(self, path: str | os.PathLike) -> None:
-        _atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
     def to_csv(self, path: str | os.PathLike) -> None:
-        _atomic_write_text(Path(path), self.per_identity.to_csv(float_format="%.6g"))
+        write_text(path, self.per_identity.to_csv(float_format="%.6g"))
 
     def table(self) -> str:
         """The summary as a text table in the paper's layout."""
@@ -217,13 +218,6 @@ def _json_float(v):
         return None
     v = float(v)
     return v if math.isfinite(v) else None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------- core
@@ -312,8 +306,8 @@ def _score_files_core(preds, refs, model, regions, config: ScoreConfig, *, desc:
         for chunk in _iter_chunks(len(order), config.chunk_size):
             rows = order[chunk]
             used_refs, local = np.unique(ref_index_all[rows], return_inverse=True)
-            pv = preds.to_vertices(model, rows)
-            rv = refs.to_vertices(model, used_refs)
+            pv = _face(preds.to_vertices(model, rows), preds, model, rows)
+            rv = _face(refs.to_vertices(model, used_refs), refs, model, used_refs)
             out = score_vertices(pv, rv, model, regions, ref_index=local, with_scale=config.with_scale, device=config.device,
                                  engine=config.engine)
             for k in METRIC_NAMES:
@@ -330,6 +324,14 @@ class _NoBar:
 
     def close(self):
         pass
+
+
+def _face(v, source, model, rows):
+    """``v`` once :func:`~v2m_bench.formats.check_face_meshes` accepts it (row numbers of ``source``)."""
+    from .formats import check_face_meshes
+
+    key = "vertices" if getattr(source, "vertices", None) is not None else "shape"
+    return check_face_meshes(v, model, path=getattr(source, "path", None), key=key, rows=rows)
 
 
 def _progress(total, desc, enabled):

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from v2m_bench.errors import ValidationError
+from v2m_bench.fileio import write_text
 
 __all__ = [
     "load_image",
@@ -315,7 +316,7 @@ def write_pts(path: str | os.PathLike, points: np.ndarray) -> None:
     if not np.all(np.isfinite(pts[:, :2])):
         raise ValidationError("landmarks contain non-finite values", path=str(path))
     body = "\n".join(f"{x + 1.0:.6f} {y + 1.0:.6f}" for x, y in pts[:, :2])
-    Path(path).write_text(f"version: 1\nn_points: {pts.shape[0]}\n{{\n{body}\n}}\n", encoding="utf-8")
+    write_text(path, f"version: 1\nn_points: {pts.shape[0]}\n{{\n{body}\n}}\n")
 
 
 # --------------------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import sys
 import threading
 import time
@@ -74,6 +75,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from v2m_bench.errors import V2MError, ValidationError
+from v2m_bench.fileio import open_exclusive, sha256_file
+from v2m_bench.formats import REFERENCES_FORMAT
 
 from .audio import AudioConfig, load_audio, log_mel, mel_filterbank, normalise, vad_trim
 from .facegate import FACE_STAGE, FaceGateConfig
@@ -90,7 +93,7 @@ from .identities import (
     vggface_names,
 )
 from .references import ReferenceRule, build_references, read_overrides
-from .shards import ShardContent, atomic_write_bytes, open_dataset, read_shard_report, shard_fingerprint_matches, write_shard
+from .shards import SHARD_FORMAT, ShardContent, atomic_write_bytes, open_dataset, read_shard_report, shard_fingerprint_matches, write_shard
 
 __all__ = [
     "BuildConfig",
@@ -327,7 +330,10 @@ class BuildLock:
 
     def _take(self, path: Path, mode: int, write_pid: bool) -> int:
         for _ in range(20):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = open_exclusive(path, 0o666)  # never through a planted link
+            if os.fstat(fd).st_nlink != 1:  # a hard link to someone's file: never truncate it
+                os.close(fd)
+                raise ValidationError("has other hard links; refusing to use it as the build lock", path=str(path))
             try:
                 fcntl.flock(fd, mode | fcntl.LOCK_NB)
             except OSError as e:
@@ -1014,14 +1020,6 @@ def build_shard(task: ShardTask) -> dict:
 
 
 # -------------------------------------------------------------------------------------- the build
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _versions(detector: str) -> dict:
     from importlib import metadata
 
@@ -1124,14 +1122,123 @@ def _fingerprint(params: dict, inputs_key: dict, shard: ShardPlan, files: list) 
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+#: Temporary files this tool leaves when killed: ``.<destination name>.<8 or 16 hex digits>.tmp``.
+_TMP = re.compile(r"^\.(?P<name>.+)\.(?:[0-9a-f]{8}|[0-9a-f]{16})\.tmp$")
+_SHARD_FILE = re.compile(r"^(?:test|train)-\d{5}\.h5$")
+_JOB_FILE = re.compile(r"^job-\d{5}-of-\d{5}\.json$")
+_LOCK_FILE = re.compile(r"^\.lock(?:-job-\d{5}-of-\d{5})?$")
+_TOP_FILES = ("manifest.json", "references.h5")
+
+
+def _tmp_of(p: Path, allowed) -> bool:
+    """True when ``p`` is a temporary file of a destination name that ``allowed`` accepts."""
+    m = _TMP.match(p.name)
+    return bool(m) and p.is_file() and not p.is_symlink() and allowed(m.group("name"))
+
+
+def _h5_format(path: Path) -> str | None:
+    import h5py
+
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            fmt = f.attrs.get("format")
+    except Exception:  # any unreadable or foreign file
+        return None
+    return fmt.decode("utf-8", "replace") if isinstance(fmt, bytes) else (fmt if isinstance(fmt, str) else None)
+
+
+def _json_format(path: Path) -> str | None:
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    fmt = doc.get("format") if isinstance(doc, dict) else None
+    return fmt if isinstance(fmt, str) else None
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an output folder that is neither empty nor provably a build of this tool.
+
+    Every file a build would replace or delete (``manifest.json``, ``references.h5``,
+    ``shards/*.h5``, ``jobs/job-*.json``, temporary files) must carry this tool's format marker
+    (or the temporary-name pattern); any other entry is allowed only next to a build manifest or
+    job manifest, and is never touched.
+    """
+    if not out.exists():
+        return
+    if out.is_symlink() and not out.is_dir():
+        raise ValidationError("is a symbolic link, not a folder (--out)", path=str(out))
+    foreign, unknown, proof = [], [], False
+    for p in sorted(out.iterdir()):
+        name = p.name
+        if _LOCK_FILE.match(name) or _tmp_of(p, lambda n: n in _TOP_FILES):
+            continue
+        if name == "manifest.json":
+            if _json_format(p) != MANIFEST_FORMAT:
+                foreign.append(name)
+            else:
+                proof = True
+        elif name == "references.h5":
+            if _h5_format(p) != REFERENCES_FORMAT:
+                foreign.append(name)
+        elif name in ("shards", "jobs"):
+            if p.is_symlink() or not p.is_dir():
+                foreign.append(name)
+                continue
+            pattern, ext = (_SHARD_FILE, ".h5") if name == "shards" else (_JOB_FILE, ".json")
+            for q in sorted(p.iterdir()):
+                rel = f"{name}/{q.name}"
+                if _tmp_of(q, lambda n: bool(pattern.match(n))):
+                    continue
+                if name == "shards" and pattern.match(q.name):
+                    if _h5_format(q) != SHARD_FORMAT:
+                        foreign.append(rel)
+                elif name == "jobs" and pattern.match(q.name):
+                    if _json_format(q) != MANIFEST_FORMAT + "-job":
+                        foreign.append(rel)
+                    else:
+                        proof = True
+                elif q.name.endswith(ext):  # every shards/*.h5 is read as a shard, jobs/*.json as a job
+                    foreign.append(rel)
+                else:
+                    unknown.append(rel)
+        else:
+            unknown.append(name)
+    if foreign:
+        raise ValidationError(
+            f"{', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} not written by a voice2mesh build; "
+            "a build writes only into a new or empty folder or its own earlier build: choose another --out",
+            path=str(out),
+        )
+    if unknown and not proof:
+        raise ValidationError(
+            f"not empty and not a voice2mesh build (it holds {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}); "
+            "a build writes only into a new or empty folder or its own earlier build: choose another --out",
+            path=str(out),
+        )
+
+
 def _clean_tmp(out: Path, names: Sequence[str] | None) -> int:
-    """Remove temporary files left by a killed build (all of them, or those of ``names``)."""
+    """Remove temporary files left by a killed build (all of them, or those of shards ``names``).
+
+    Only files named as this tool names its temporary files are removed.
+    """
     n = 0
-    for folder in (out, out / "shards", out / "jobs"):
-        if not folder.is_dir():
+    for folder, allowed in (
+        (out, lambda nm: nm in _TOP_FILES),
+        (out / "shards", lambda nm: bool(_SHARD_FILE.match(nm))),
+        (out / "jobs", lambda nm: bool(_JOB_FILE.match(nm))),
+    ):
+        if not folder.is_dir() or folder.is_symlink():
             continue
         for p in folder.glob(".*.tmp"):
-            if names is None or any(p.name.startswith(f".{nm}.h5.") for nm in names):
+            if not _tmp_of(p, allowed):
+                continue
+            if names is None or any(_TMP.match(p.name).group("name") == f"{nm}.h5" for nm in names):
                 p.unlink(missing_ok=True)
                 n += 1
     return n
@@ -1186,11 +1293,11 @@ def _plan_payload(config: BuildConfig, resolved: dict, table, shards: list) -> d
         "vggface_images": str(resolved["images_root"]),
         "vggface_annotations": None if resolved["annotations"] is None else str(resolved["annotations"]),
         "vox_meta": str(resolved["meta"]),
-        "vox_meta_sha256": _sha256_file(resolved["meta"]),
+        "vox_meta_sha256": sha256_file(resolved["meta"]),
         "bfm": str(resolved["bfm_path"]),
         "bfm_md5": dict(sorted(model.md5.items())),
         "reference_overrides": None if not config.reference_overrides else str(Path(config.reference_overrides).resolve()),
-        "reference_overrides_sha256": None if not config.reference_overrides else _sha256_file(Path(config.reference_overrides)),
+        "reference_overrides_sha256": None if not config.reference_overrides else sha256_file(Path(config.reference_overrides)),
     }
     return {
         "inputs": inputs,
@@ -1252,7 +1359,9 @@ def build(config: BuildConfig, *, log: Callable[[str], None] | None = None) -> B
     out = Path(config.out)
     job = None if int(config.num_shards) == 1 else (int(config.shard_index), int(config.num_shards))
     result = BuildResult(out=out)
+    _check_out(out)
     with BuildLock(out, job):
+        _check_out(out)
         names = vggface_names(resolved["annotations"], resolved["images_root"])
         table = select_identities(resolved["meta"], names, limit=config.limit_identities)
         result.identities_summary = table.summary()
@@ -1373,7 +1482,7 @@ def _finalize(out: Path, payload: dict, rule: ReferenceRule, overrides: dict | N
     """references.h5 + manifest.json from the shard files of a complete plan (exclusive lock held)."""
     planned = {s["file"] for s in payload["shards"]}
     for p in sorted((out / "shards").glob("*.h5")):
-        if f"shards/{p.name}" not in planned:
+        if f"shards/{p.name}" not in planned and _SHARD_FILE.match(p.name) and _h5_format(p) == SHARD_FORMAT:
             log(f"removing {p} (not part of this build's plan)")
             p.unlink()
     reports = [read_shard_report(out / s["file"]) for s in payload["shards"]]
@@ -1389,8 +1498,8 @@ def _finalize(out: Path, payload: dict, rule: ReferenceRule, overrides: dict | N
         rule=rule,
         overrides=overrides,
     )
-    if not refs["written"]:
-        refs_path.unlink(missing_ok=True)
+    if not refs["written"] and _h5_format(refs_path) == REFERENCES_FORMAT:  # an earlier build's, now stale
+        refs_path.unlink()
     from v2m_bench.bfm import load_bfm
 
     from .audit import label_quality
@@ -1451,10 +1560,11 @@ def merge(out: str | os.PathLike, *, log: Callable[[str], None] | None = None, p
     if not out.is_dir():
         raise ValidationError("no such build folder", path=str(out))
     with BuildLock(out):
-        _clean_tmp(out, None)
         jobs = sorted((out / "jobs").glob("job-*-of-*.json")) if (out / "jobs").is_dir() else []
         if not jobs:
             raise ValidationError("no job manifests (jobs/job-*-of-*.json); run the shard-array jobs first", path=str(out))
+        _check_out(out)
+        _clean_tmp(out, None)
         docs = []
         for p in jobs:
             try:

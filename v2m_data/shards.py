@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -65,6 +64,7 @@ import h5py
 import numpy as np
 
 from v2m_bench.errors import ValidationError
+from v2m_bench.fileio import atomic_path, write_bytes
 
 __all__ = [
     "SHARD_FORMAT",
@@ -110,46 +110,9 @@ class ShardContent:
     identity_fit_attrs: dict | None = None
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-
-
-def _atomic(path: Path, fill) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        fill(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-
-    def fill(tmp):
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-
-    return _atomic(Path(path), fill)
+    """Write ``data`` to ``path`` atomically and link-safely (:func:`v2m_bench.fileio.write_bytes`)."""
+    return write_bytes(path, data)
 
 
 def _strings(values) -> np.ndarray:
@@ -211,7 +174,9 @@ def write_shard(path: str | os.PathLike, content: ShardContent) -> Path:
                 "report", data=json.dumps(c.report, sort_keys=True, ensure_ascii=False), dtype=_STR, track_times=False
             )
 
-    return _atomic(path, fill)
+    with atomic_path(path) as tmp:
+        fill(tmp)
+    return path
 
 
 # --------------------------------------------------------------------------------------- reading

@@ -112,6 +112,8 @@ import numpy as np
 
 from v2m_bench.bfm import MorphableModel
 from v2m_bench.errors import ValidationError
+from v2m_bench.fileio import atomic_path, write_bytes, write_text
+from v2m_bench.fileio import progress as progress_bar
 from v2m_bench.render import project, render_mesh, view_rotation
 from v2m_bench.split import split_of
 
@@ -987,8 +989,7 @@ def _video_id(rng: np.random.Generator) -> str:
 
 # ------------------------------------------------------------------------------------ writing
 def _write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    write_bytes(path, data)
 
 
 def _encode_jpeg(img: np.ndarray, quality: int, path: Path) -> bytes:
@@ -1011,7 +1012,6 @@ def _encode_wav(wave: np.ndarray, sr: int) -> bytes:
 def _write_truth(path: Path, seed: int, model: MorphableModel, config: SynthConfig, ref: dict, ident: dict, img: dict, utt: dict) -> None:
     import h5py
 
-    tmp = path.with_name(f".{path.name}.tmp")
     str_dt = h5py.string_dtype("utf-8")
 
     def put(group, key, value):
@@ -1021,7 +1021,7 @@ def _write_truth(path: Path, seed: int, model: MorphableModel, config: SynthConf
         else:
             group.create_dataset(key, data=arr, track_times=False)
 
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = TRUTH_FORMAT
             f.attrs["version"] = np.int64(TRUTH_VERSION)
@@ -1050,10 +1050,6 @@ def _write_truth(path: Path, seed: int, model: MorphableModel, config: SynthConf
                 g = f.create_group(gname)
                 for key, value in table.items():
                     put(g, key, value)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def make_world(
@@ -1158,14 +1154,7 @@ def make_world(
 
     from v2m_data.images import write_pts
 
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=n, desc="synthetic identities", unit="id", disable=None)
-        except ImportError:  # pragma: no cover
-            bar = None
+    bar = progress_bar(total=n, desc="synthetic identities", unit="id", enabled=None) if progress else None
     for i, person in enumerate(people):
         name = person["name"]
         # ---------------------------------------------------------------- images
@@ -1203,7 +1192,7 @@ def make_world(
                 ("sensor_noise", info["sensor_noise"]), ("landmarks", info["landmarks"]), ("box", info["box"]),
             ):
                 img_rows[k].append(v)
-        (vgg_files / f"{name}.txt").write_text("".join(lines), encoding="utf-8")
+        write_text(vgg_files / f"{name}.txt", "".join(lines))
         # ---------------------------------------------------------------- voices
         r_voc = _rng(seed, 5, i)
         videos = []
@@ -1233,7 +1222,7 @@ def make_world(
         bar.close()
 
     meta = [META_HEADER] + [f"{p['id']}\t{p['name']}\t{p['gender']}\t{p['nationality']}\t{p['set']}" for p in people]
-    (root / "vox1_meta.csv").write_text("\n".join(meta) + "\n", encoding="utf-8")
+    write_text(root / "vox1_meta.csv", "\n".join(meta) + "\n")
 
     ident = {
         "id": [p["id"] for p in people],

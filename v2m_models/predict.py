@@ -8,10 +8,11 @@ and written as de-normalised BFM coefficients in the benchmark's ``predictions.h
 checkpoint and further attributes recording its kind, iteration and the build.
 
 Predictors are chosen by the checkpoint's ``kind``: the checkpoint names a loader
-(``predictor = "v2m_models.<module>:<function>"``, called as ``loader(checkpoint_dict, device,
+(``predictor = "v2m_models.<module>:load_predictor"``, called as ``loader(checkpoint_dict, device,
 batch_size=...)``) that returns an object with ``predict(features) -> {"shape": (N, 40),
 "expression": (N, 10)}``, ``features`` being a list of whole normalised log-mel utterances
-``(64, T_i)``. Only loaders inside the ``v2m_models`` package are imported; a kind without a
+``(64, T_i)``. Only ``load_predictor`` functions inside the ``v2m_models`` package are used; a
+checkpoint whose weights do not fit the model is one :class:`ValidationError`; a kind without a
 loader (e.g. ``voice-encoder``) cannot predict faces. Other predictors (a cascade baseline that
 needs no checkpoint, for example) can call :func:`predict_with` directly.
 """
@@ -67,15 +68,27 @@ def resolve_predictor(checkpoint: dict, device, batch_size: int = 16, path=None)
         raise ValidationError(f"a {kind!r} checkpoint has no face predictor (train a face model first)",
                               path=None if path is None else str(path), key="kind")
     mod, _, fn = ref.partition(":")
-    if not (mod == "v2m_models" or mod.startswith("v2m_models.")) or not fn.isidentifier():
-        raise ValidationError(f"refusing predictor {ref!r}: only v2m_models.<module>:<function> loaders are used",
+    if not (mod == "v2m_models" or mod.startswith("v2m_models.")) or fn != "load_predictor":
+        raise ValidationError(f"refusing predictor {ref!r}: only v2m_models.<module>:load_predictor loaders are used",
                               path=None if path is None else str(path), key="predictor")
     try:
         loader = getattr(importlib.import_module(mod), fn)
     except (ImportError, AttributeError):
         raise ValidationError(f"predictor {ref!r} of kind {kind!r} is not available in this version",
                               path=None if path is None else str(path), key="predictor") from None
-    return loader(checkpoint, device, batch_size=batch_size)
+    if not checkpoint.get("modules"):
+        raise ValidationError("holds no weights", path=None if path is None else str(path), key="modules")
+    try:
+        return loader(checkpoint, device, batch_size=batch_size)
+    except ValidationError as e:
+        if path is None or str(path) in str(e):
+            raise
+        raise ValidationError(str(e), path=str(path)) from None
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = "; ".join(lines[:3]) if lines else type(e).__name__
+        raise ValidationError(f"the checkpoint does not fit the {kind!r} model ({type(e).__name__}: {detail[:300]})",
+                              path=None if path is None else str(path), key="modules") from None
 
 
 def prediction_selection(dataset, per_identity: int = 3, identities=None):

@@ -62,6 +62,7 @@ import json
 import os
 import platform
 import random
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ __all__ = [
     "make_adam",
     "save_checkpoint",
     "load_checkpoint",
+    "load_weights",
     "config_to_dict",
     "config_from_dict",
     "metrics_path",
@@ -483,11 +485,11 @@ def save_checkpoint(path, payload: dict) -> Path:
     """Write ``payload`` with ``torch.save`` atomically (temporary file, fsync, ``os.replace``)."""
     import torch
 
-    from v2m_data.shards import atomic_write_bytes
+    from v2m_bench.fileio import write_bytes
 
     buf = io.BytesIO()
     torch.save(payload, buf)
-    return atomic_write_bytes(path, buf.getvalue())
+    return write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -496,25 +498,82 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     Raises
     ------
     ValidationError
-        Missing, unreadable, or not a voice2mesh checkpoint of a version this code reads.
+        Missing, empty, damaged, holding pickled code (refused, never run), not a voice2mesh
+        checkpoint of a version this code reads, with fields of the wrong type, or with NaN or
+        infinite weights. One line naming the file and the field.
     """
+    import pickle
+
     import torch
 
     path = Path(path)
+    where = str(path)
     if not path.is_file():
-        raise ValidationError("no such checkpoint", path=str(path))
+        raise ValidationError("no such checkpoint", path=where)
+    if path.stat().st_size == 0:
+        raise ValidationError("is empty (0 bytes), not a checkpoint", path=where)
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise ValidationError(f"cannot read the checkpoint: {' '.join(str(e).split())[:200]}", path=str(path)) from None
+    except pickle.UnpicklingError as e:
+        text = " ".join(str(e).split())
+        m = re.search(r"(?:unsupported|Unsupported global:?) GLOBAL ([\w.]+)", text)
+        if m or "nsupported" in text:
+            what = f" ({m.group(1)})" if m else ""
+            raise ValidationError(f"holds pickled code or objects other than weights{what}; refused: checkpoints "
+                                  "are only ever loaded as plain weights, never run", path=where) from None
+        raise ValidationError(f"cannot read the checkpoint (damaged or not a torch file): {_after(text)}",
+                              path=where) from None
+    except Exception as e:  # noqa: BLE001 - any other failure is a bad file
+        text = " ".join(str(e).split()) or type(e).__name__
+        raise ValidationError(f"cannot read the checkpoint (truncated, damaged or not a torch file): {text[:200]}",
+                              path=where) from None
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise ValidationError(f"not a {CHECKPOINT_FORMAT} file", path=str(path))
-    if int(ck.get("version", -1)) > CHECKPOINT_VERSION:
-        raise ValidationError(f"version {ck.get('version')} is newer than this code ({CHECKPOINT_VERSION})", path=str(path))
+        raise ValidationError(f"not a {CHECKPOINT_FORMAT} file", path=where)
+    version = ck.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValidationError(f"expected an integer, found {version!r}", path=where, key="version")
+    if version > CHECKPOINT_VERSION:
+        raise ValidationError(f"version {version} is newer than this code ({CHECKPOINT_VERSION})", path=where)
     for k in ("kind", "config", "modules", "iteration"):
         if k not in ck:
-            raise ValidationError("incomplete checkpoint", path=str(path), key=k)
+            raise ValidationError("incomplete checkpoint", path=where, key=k)
+    for k, typ in (("kind", str), ("config", dict), ("modules", dict), ("iteration", int)):
+        if not isinstance(ck[k], typ) or isinstance(ck[k], bool):
+            article = "an" if typ.__name__[0] in "aeiou" else "a"
+            raise ValidationError(f"expected {article} {typ.__name__}, found {type(ck[k]).__name__}", path=where, key=k)
+    if not isinstance(ck.get("predictor", ""), str):
+        raise ValidationError(f"expected a str, found {type(ck['predictor']).__name__}", path=where, key="predictor")
+    for name, state in ck["modules"].items():
+        if not isinstance(state, dict):
+            raise ValidationError(f"expected a dict of tensors, found {type(state).__name__}", path=where,
+                                  key=f"modules.{name}")
+        for tname, t in state.items():
+            if not isinstance(t, torch.Tensor):
+                raise ValidationError(f"expected a tensor, found {type(t).__name__}", path=where,
+                                      key=f"modules.{name}.{tname}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValidationError("holds NaN or infinite weights (the training diverged?)", path=where,
+                                      key=f"modules.{name}.{tname}")
     return ck
+
+
+def _after(text: str) -> str:
+    """The reason in a torch.load error, without torch's advice to turn weights_only off."""
+    for marker in ("WeightsUnpickler error:", "Do it only if you got the file from a trusted source."):
+        if marker in text:
+            text = text.split(marker, 1)[1].strip()
+    return text.split(" Check the documentation")[0][:200] or "unreadable"
+
+
+def load_weights(module, state: dict, *, path=None, key: str = "modules") -> None:
+    """``module.load_state_dict(state)`` with a one-line :class:`ValidationError` on a mismatch."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = "; ".join(lines[1:3]) if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+        raise ValidationError(f"the weights do not fit the model: {detail[:300]}", path=None if path is None else str(path),
+                              key=key) from None
 
 
 def _versions() -> dict:
@@ -579,10 +638,13 @@ class _MetricsLog:
                             keep.append(row)
                     except (KeyError, ValueError):
                         continue
-        with open(path, "w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, _CSV_HEADER)
-            w.writeheader()
-            w.writerows(keep)
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, _CSV_HEADER)
+        w.writeheader()
+        w.writerows(keep)
+        from v2m_bench.fileio import write_text
+
+        write_text(path, buf.getvalue())
 
     def write(self, iteration: int, phase: str, values: dict, elapsed: float) -> None:
         if not self.enabled or not values:
@@ -730,7 +792,7 @@ def fit(task: Task, out, *, resume: bool = False, env: DistEnv | None = None, lo
             for k, m in task.modules.items():
                 if k not in ck["modules"]:
                     raise ValidationError("the checkpoint has no such module", path=str(out), key=k)
-                m.load_state_dict(ck["modules"][k])
+                load_weights(m, ck["modules"][k], path=out, key=f"modules.{k}")
             for k, o in task.optimizers.items():
                 if k in ck.get("optimizers", {}):
                     o.load_state_dict(ck["optimizers"][k])
@@ -746,9 +808,9 @@ def fit(task: Task, out, *, resume: bool = False, env: DistEnv | None = None, lo
         show = cfg.progress if progress is None else progress
         bar = None
         if show and env.is_main:
-            from tqdm.auto import tqdm
+            from v2m_bench.fileio import progress as progress_bar
 
-            bar = tqdm(total=total, initial=start, desc=task.kind, unit="it", disable=None, dynamic_ncols=True)
+            bar = progress_bar(total=total, initial=start, desc=task.kind, unit="it", enabled=None, dynamic_ncols=True)
         for m in task.modules.values():
             m.train()
         t0 = time.perf_counter()
