@@ -139,16 +139,16 @@ def verdict(quality: dict) -> str:
         return "no verdict: fewer than two identities have two or more fits"
     if er >= ICC_GOOD:
         return (
-            f"labels carry identity: ICC(ER) = {er:.2f} >= {ICC_GOOD} (the fits of one person agree far "
+            f"labels carry identity: ICC(ER) = {er:.3f} >= {ICC_GOOD} (the fits of one person agree far "
             "more than those of different people)"
         )
     if er >= ICC_WEAK:
         return (
-            f"labels carry weak identity signal: ICC(ER) = {er:.2f} (between {ICC_WEAK} and {ICC_GOOD}); "
+            f"labels carry weak identity signal: ICC(ER) = {er:.3f} (between {ICC_WEAK} and {ICC_GOOD}); "
             "prefer identity labels and references, check the detector"
         )
     return (
-        f"labels carry little identity signal: ICC(ER) = {er:.2f} < {ICC_WEAK}; the landmark detector's errors "
+        f"labels carry little identity signal: ICC(ER) = {er:.3f} < {ICC_WEAK}; the landmark detector's errors "
         "swamp the face shape, do not use these fits as supervision or references"
     )
 
