@@ -7,7 +7,7 @@ with min / median / max and the load average (1 min) before each run. The machin
 shared: compare variants back to back and read the load beside the figures.
 
     python benchmarks/bench_score_cli.py [--bfm DIR] [--work DIR] [--runs 5] [--report-runs 2]
-        [--n-identities 301] [--warm]
+        [--n-identities 301] [--cold]
 
 The first ``score`` on a fresh case computes the mean-face (chance) scores and caches them (see
 docs/metrics.md, "The mean-face reference"); ``--cold`` times that first run apart by clearing
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -49,18 +50,23 @@ def make_case(model, folder: Path, n_id: int, per: int, seed: int, prediction_sc
     return ref, pred
 
 
-def _timed(cmd: list[str], env: dict) -> tuple[float, float]:
+def _timed(cmd: list[str], env: dict) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds (user + system of the process) and the 1-min load before it."""
     load = os.getloadavg()[0]
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0, load
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), load
 
 
-def _summary(name: str, runs: list[tuple[float, float]]) -> str:
+def _summary(name: str, runs: list[tuple[float, float, float]]) -> str:
     w = [r[0] for r in runs]
-    loads = ", ".join(f"{r[0]:.2f} s (load {r[1]:.2f})" for r in runs)
-    return (f"{name}: min {min(w):.2f} s, median {statistics.median(w):.2f} s, max {max(w):.2f} s "
-            f"over {len(w)} runs [{loads}]")
+    c = [r[1] for r in runs]
+    each = ", ".join(f"{r[0]:.2f} s ({r[1]:.1f} s CPU, load {r[2]:.2f})" for r in runs)
+    return (f"{name}: wall min {min(w):.2f} s, median {statistics.median(w):.2f} s, max {max(w):.2f} s; "
+            f"CPU median {statistics.median(c):.1f} s; {len(w)} runs [{each}]")
 
 
 def main(argv=None) -> int:

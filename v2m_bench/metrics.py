@@ -236,26 +236,20 @@ class V2vResult(NamedTuple):
     distances: np.ndarray
 
 
-def _procrustes(p: np.ndarray, r: np.ndarray, with_scale: bool):
-    """Least-squares rotation, scale and translation taking p (B, N, 3) onto r (B, N, 3), float64."""
-    mp = p.mean(axis=1, keepdims=True)
-    mr = r.mean(axis=1, keepdims=True)
-    pc = p - mp
-    rc = r - mr
-    h = np.einsum("bni,bnj->bij", pc, rc)  # (B, 3, 3) cross-covariance
+def _procrustes(h: np.ndarray, spp: np.ndarray, with_scale: bool):
+    """Least-squares rotation (B, 3, 3) and scale (B,) from the cross-covariance h (B, 3, 3) of the
+    centred point sets and the prediction's sum of squares spp (B,)."""
     u, sv, vt = np.linalg.svd(h)
-    d = np.sign(np.linalg.det(np.einsum("bij,bjk->bik", u, vt)))
+    d = np.sign(np.linalg.det(np.matmul(u, vt)))
     d = np.where(d == 0, 1.0, d)
-    fix = np.ones((p.shape[0], 3))
+    fix = np.ones((h.shape[0], 3))
     fix[:, 2] = d
-    rot = np.einsum("bji,bj,bkj->bik", vt, fix, u)  # V diag(1, 1, d) U^T
+    rot = np.matmul(vt.transpose(0, 2, 1) * fix[:, None, :], u.transpose(0, 2, 1))  # V diag(1, 1, d) U^T
     if with_scale:
-        var = np.einsum("bni,bni->b", pc, pc)
-        scale = np.einsum("bi,bi->b", sv, fix) / np.where(var > 0, var, 1.0)
+        scale = np.einsum("bi,bi->b", sv, fix) / np.where(spp > 0, spp, 1.0)
     else:
-        scale = np.ones(p.shape[0])
-    t = mr[:, 0] - scale[:, None] * np.einsum("bij,bj->bi", rot, mp[:, 0])
-    return rot, scale, t
+        scale = np.ones(h.shape[0])
+    return rot, scale
 
 
 def rmse_v2v(pred, ref, *, with_scale: bool = False, regions=None, units_per_mm: float = 1000.0,
@@ -296,20 +290,48 @@ def rmse_v2v(pred, ref, *, with_scale: bool = False, regions=None, units_per_mm:
         With ``regions``: a tuple ``(global, {name: ndarray (B,)})``.
     """
     p, r, single = _pair(pred, ref, 2)
-    p = p.astype(np.float64, copy=False)
-    r = np.broadcast_to(r.astype(np.float64, copy=False), p.shape) if r.shape[0] == 1 else r.astype(np.float64, copy=False)
     if p.shape[0] == 1 and r.shape[0] > 1:
         p = np.broadcast_to(p, r.shape)
+    if r.shape[0] == 1 and p.shape[0] > 1:
+        r = np.broadcast_to(r, p.shape)
 
-    def one(pp, rr):
-        rot, scale, t = _procrustes(pp, rr, with_scale)
-        moved = scale[:, None, None] * np.einsum("bij,bnj->bni", rot, pp) + t[:, None, :]
-        dist = np.sqrt(np.einsum("bni,bni->bn", moved - rr, moved - rr)) / units_per_mm
+    def moments(v):
+        """float64 copy of v (B, n, 3), its centroid (B, 3) and its raw sum of squares (B,)."""
+        v = np.asarray(v, dtype=np.float64)
+        b, n, _ = v.shape
+        m = np.matmul(np.full((1, n), 1.0 / n), v)[:, 0]  # BLAS (a strided mean is slow)
+        return v, m, np.einsum("bk,bk->b", v.reshape(b, -1), v.reshape(b, -1))
+
+    def one(pp, rr, explicit):
+        pv, mp, sp = moments(pp)
+        rv, mr, sr = moments(rr)
+        b, n = pv.shape[:2]
+        # centred sums without centred copies: H = P^T R - n mp mr^T, |pc|^2 = |P|^2 - n |mp|^2
+        h = np.matmul(pv.transpose(0, 2, 1), rv) - n * mp[:, :, None] * mr[:, None, :]
+        spp = sp - n * np.einsum("bi,bi->b", mp, mp)
+        srr = sr - n * np.einsum("bi,bi->b", mr, mr)
+        rot, scale = _procrustes(h, spp, with_scale)
+        a = scale[:, None, None] * rot
+        t = mr - np.matmul(a, mp[:, :, None])[..., 0]
+        if not explicit:  # E = s^2 |pc|^2 + |rc|^2 - 2 s tr(R H): exact but for cancellation
+            e = scale * scale * spp + srr - 2 * scale * np.einsum("bij,bji->b", rot, h)
+            ok = e > 1e-6 * (scale * scale * sp + sr)  # else computed vertex by vertex below
+            msq = np.where(ok, e, np.nan) / n
+            if not ok.all():
+                bad = np.flatnonzero(~ok)
+                msq[bad] = np.mean(one(pp[bad], rr[bad], True)[3] ** 2, axis=1) * units_per_mm**2
+            return rot, scale, t, np.sqrt(msq) / units_per_mm
+        diff = np.matmul(pv, a.transpose(0, 2, 1))
+        diff += (t - mr)[:, None, :]
+        diff -= rv - mr[:, None, :]
+        dist = np.sqrt(np.einsum("bni,bni->bn", diff, diff)) / units_per_mm
         return rot, scale, t, dist
 
-    rot, scale, t, dist = one(p, r)
-    rmse = np.sqrt(np.mean(dist * dist, axis=1))
-    out = V2vResult(rmse, rot, scale, t, dist) if return_alignment else _out(rmse, single)
+    if return_alignment:
+        rot, scale, t, dist = one(p, r, True)
+        out = V2vResult(np.sqrt(np.mean(dist * dist, axis=1)), rot, scale, t, dist)
+    else:
+        out = _out(one(p, r, False)[3], single)
     if regions is None:
         return out
     parts = {}
@@ -317,8 +339,7 @@ def rmse_v2v(pred, ref, *, with_scale: bool = False, regions=None, units_per_mm:
         m = np.asarray(mask, dtype=bool)
         if m.shape != (p.shape[1],) or m.sum() < 3:
             raise ValidationError(f"expected a boolean mask of {p.shape[1]} vertices with at least 3 set", key=f"regions[{name!r}]")
-        d = one(p[:, m], r[:, m])[3]
-        parts[str(name)] = _out(np.sqrt(np.mean(d * d, axis=1)), single)
+        parts[str(name)] = _out(one(p[:, m], r[:, m], False)[3], single)
     return out, parts
 
 
