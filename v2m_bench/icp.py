@@ -1220,9 +1220,11 @@ class IcpPlan:
     graphs: Any = None
 
     def matches(self, triangles: np.ndarray, regions: dict, config: IcpConfig) -> bool:
-        """Whether this plan was made for these (checked) triangles, regions and config."""
+        """Whether this plan fits these (checked) triangles, regions and config (the plan reads
+        only the config's iteration-vertex counts)."""
         return (
-            self.config == config
+            self.config.n_iteration_vertices == config.n_iteration_vertices
+            and self.config.part_iteration_vertices == config.part_iteration_vertices
             and (self.triangles is triangles or np.array_equal(self.triangles, triangles))
             and list(self.regions) == list(regions)
             and all(self.regions[k] is regions[k] or np.array_equal(self.regions[k], regions[k]) for k in regions)
