@@ -1,8 +1,8 @@
 """A static HTML report of a predictions file: tables, charts and rendered faces.
 
 :func:`write_report` scores a predictions file (:func:`v2m_bench.scoring.score`, the same numbers
-as ``v2m-bench score``), registers every prediction to its reference once more with
-:func:`v2m_bench.icp.icp_scores` to get the per-vertex point-to-plane errors, and writes a folder::
+as ``v2m-bench score``), keeping the per-vertex point-to-plane errors of those registrations
+(each mesh is registered once; the mean face's come with its cached scores), and writes a folder::
 
     OUT/index.html            the page (inline CSS and a small inline sort script; no network)
     OUT/scores.json           the summary (Report.to_json)
@@ -21,7 +21,9 @@ The page shows
   and the six part regions;
 - the best, median and worst identities by RMSE: prediction and reference side by side (shaded
   grey) and the signed error drawn on the prediction;
-- the per-identity table (click a column header to sort).
+- the per-identity table (click a column header to sort);
+- the provenance (fingerprints of the references and predictions, BFM md5, metric definition
+  version) and, with few identities, a caveat beside the intervals.
 
 Averages over vertices are macro averages like the metrics: each identity weighs the same, and
 the predictions of an identity share its weight. Rendering is offscreen
