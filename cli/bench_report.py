@@ -23,12 +23,17 @@ from ._common import progress_enabled, user_errors
               help="Bootstrap resamples over identities for the 95% intervals (0: none).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the bootstrap.")
 @click.option("--strict", is_flag=True, help="Reference identities without predictions are an error.")
-@click.option("--with-scale", is_flag=True, help="Let the ICP registration fit a scale too.")
+@click.option("--with-scale", is_flag=True, help="Let the registrations (ICP and the RMSE_v2v alignment) fit a scale too.")
 @click.option("--image-size", default=320, show_default=True, type=click.IntRange(min=32),
               help="Pixels (width = height) of each rendered face.")
+@click.option("--expect-references", metavar="SHA256", default=None,
+              help="Refuse references whose content fingerprint (printed under the table; JSON provenance) differs; "
+                   "a prefix of at least 12 hex characters is enough.")
+@click.option("--no-cache", is_flag=True, help="Compute the mean-face scores afresh instead of reading them from the user cache.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
 @user_errors
-def command(predictions, references, out, baseline, bfm, bootstrap, seed, strict, with_scale, image_size, progress):
+def command(predictions, references, out, baseline, bfm, bootstrap, seed, strict, with_scale, image_size, expect_references,
+            no_cache, progress):
     """Write an HTML report of PREDICTIONS (a predictions.h5) scored against the references.
 
     The page (OUT/index.html, viewable offline) shows the score table with 95% intervals beside
@@ -46,7 +51,7 @@ def command(predictions, references, out, baseline, bfm, bootstrap, seed, strict
 
     model = load_bfm(bfm)
     config = ScoreConfig(bootstrap=bootstrap, seed=seed, strict=strict, with_scale=with_scale,
-                         progress=progress_enabled(progress))
+                         expect_references=expect_references, chance_cache=not no_cache, progress=progress_enabled(progress))
     index = write_report(predictions, references, out, model, baseline=baseline, config=config,
                          image_size=image_size)
     if not model.is_genuine:

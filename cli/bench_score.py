@@ -23,18 +23,23 @@ from ._common import progress_enabled, user_errors
               help="Bootstrap resamples over identities for the 95% intervals (0: none).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the bootstrap.")
 @click.option("--strict", is_flag=True, help="Reference identities without predictions are an error.")
-@click.option("--with-scale", is_flag=True, help="Let the ICP registration fit a scale too.")
+@click.option("--with-scale", is_flag=True, help="Let the registrations (ICP and the RMSE_v2v alignment) fit a scale too.")
 @click.option("--device", default=None, help="torch device for the ICP (e.g. cuda); default numpy on the CPU.")
 @click.option("--engine", type=click.Choice(["auto", "numba", "kdtree"]), default="auto", show_default=True,
               help="ICP implementation: numba (compiled) or the numpy path with k-d trees (same scores up to rounding; numba is faster).")
+@click.option("--expect-references", metavar="SHA256", default=None,
+              help="Refuse references whose content fingerprint (printed under the table; JSON provenance) differs; "
+                   "a prefix of at least 12 hex characters is enough.")
+@click.option("--no-cache", is_flag=True, help="Compute the mean-face scores afresh instead of reading them from the user cache.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 @user_errors
 def command(predictions, references, bfm, json_out, csv_out, baseline, bootstrap, seed, strict, with_scale, device, engine,
-            progress):
+            expect_references, no_cache, progress):
     """Score PREDICTIONS (a predictions.h5) against the benchmark references.
 
-    Prints ER, FR, MR, CR, their mean (ARE), NME, the ICP point-to-plane RMSE and the six part
-    RMSEs, each with a 95% bootstrap interval over identities, next to the mean-face predictor.
+    Prints ER, FR, MR, CR, their mean (ARE), NME, the ICP point-to-plane RMSE, the vertex-to-vertex
+    RMSE and the six part RMSEs, each with a 95% bootstrap interval over identities, next to the
+    mean-face predictor, and the references' content fingerprint.
 
     \b
     Example:
@@ -45,7 +50,8 @@ def command(predictions, references, bfm, json_out, csv_out, baseline, bootstrap
 
     model = load_bfm(bfm)
     config = ScoreConfig(bootstrap=bootstrap, seed=seed, strict=strict, with_scale=with_scale, device=device,
-                         engine=engine, progress=progress_enabled(progress))
+                         engine=engine, expect_references=expect_references, chance_cache=not no_cache,
+                         progress=progress_enabled(progress))
     report = score(predictions, references, model, baseline=baseline, config=config)
     if report.missing:
         shown = ", ".join(report.missing[:5]) + (" ..." if len(report.missing) > 5 else "")

@@ -167,9 +167,25 @@ def test_score_table_has_the_scores_numbers(reports, expected):
         assert row["baseline"] == f"{b['value']:.4f}", name
         assert row["change"] == f"{100 * b['relative_change']:+.1f}%", name
         p = b["p_value"]
-        assert row["p"] == (f"{p:.3f}" if p >= 0.001 else "<0.001"), name
+        at_limit = p <= b["p_value_floor"] * (1 + 1e-9)
+        assert row["p"] == (f"< 1/{round(1 / b['p_value_floor'])}" if at_limit else f"{p:.3f}"), name
         for k in ("baseline", "supervised", "unsupervised"):
-            assert row[f"paper_{k}"] == f"{PAPER_RESULTS[k][name]:.4f}", (name, k)
+            paper = f"{PAPER_RESULTS[k][name]:.4f}" if name in PAPER_RESULTS[k] else "n/a"  # RMSE_v2v: not in the paper
+            assert row[f"paper_{k}"] == paper, (name, k)
+
+
+def test_provenance_and_caveat_on_the_page(reports, toy):
+    from v2m_bench.formats import read_references
+    from v2m_bench.provenance import fingerprint
+
+    text = reports["good"].read_text(encoding="utf-8")
+    fp = fingerprint(read_references(toy / "references.h5"))
+    m = re.search(r'<td data-key="references_sha256"><code>([0-9a-f]+)</code>', text)
+    assert m is not None and m.group(1) == fp
+    assert 'data-key="predictions_sha256"' in text and 'data-key="metric_definition"' in text
+    assert re.search(r'class="note caveat">Note: only 5 identities', text)
+    js = json.loads((reports["good"].parent / "scores.json").read_text())
+    assert js["provenance"]["references_sha256"] == fp
 
 
 def test_baseline_file_interval_is_its_own_score(reports, toy, bfm):

@@ -99,7 +99,7 @@ def test_cli_score_writes_json_and_csv(bfm, bfm_dir, tmp_path):
     assert set(js["metrics"]) == set(METRIC_NAMES)
     assert set(js["metrics"]["ER"]) == {"value", "ci_low", "ci_high"}
     assert js["n_identities"] == 6 and js["n_predictions"] == 18 and js["missing"] == []
-    lines = (tmp_path / "s.csv").read_text().splitlines()
+    lines = [ln for ln in (tmp_path / "s.csv").read_text().splitlines() if not ln.startswith("# ")]
     assert len(lines) == 7 and lines[0].startswith("identity,n_predictions,ER")
 
 

@@ -87,6 +87,8 @@ __all__ = [
     "icp_scores",
     "nearest_vertices",
     "iteration_vertices",
+    "IcpPlan",
+    "icp_plan",
 ]
 
 _POINT_CHUNK = 16384  # points per vectorised walk call (cache-sized temporaries; no effect on results)
@@ -1202,6 +1204,56 @@ def _check_regions(regions, n: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------- public API
+@dataclass(frozen=True, eq=False)
+class IcpPlan:
+    """The topology work of :func:`icp_scores` (walk graphs, iteration vertices, part layouts).
+
+    It depends only on the triangles, the regions and the config; make it once with
+    :func:`icp_plan` and pass it as ``plan=`` to every :func:`icp_scores` call on the same
+    topology (a scoring run calls it chunk after chunk). Results do not depend on it.
+    """
+
+    n_vertices: int
+    triangles: np.ndarray
+    regions: dict
+    config: IcpConfig
+    graphs: Any = None
+
+    def matches(self, triangles: np.ndarray, regions: dict, config: IcpConfig) -> bool:
+        """Whether this plan fits these (checked) triangles, regions and config (the plan reads
+        only the config's iteration-vertex counts)."""
+        return (
+            self.config.n_iteration_vertices == config.n_iteration_vertices
+            and self.config.part_iteration_vertices == config.part_iteration_vertices
+            and (self.triangles is triangles or np.array_equal(self.triangles, triangles))
+            and list(self.regions) == list(regions)
+            and all(self.regions[k] is regions[k] or np.array_equal(self.regions[k], regions[k]) for k in regions)
+        )
+
+
+def icp_plan(triangles, n_vertices: int, regions: Mapping[str, Any] | None = None, *,
+             config: IcpConfig = DEFAULT_ICP_CONFIG) -> IcpPlan:
+    """Prepare the topology work of :func:`icp_scores` once, for many calls.
+
+    Parameters
+    ----------
+    triangles : array_like, shape (F, 3), int
+    n_vertices : int
+        Vertices per mesh.
+    regions : dict of str -> ndarray (N,) bool, optional
+        The parts, as passed to :func:`icp_scores`.
+    config : IcpConfig
+
+    Returns
+    -------
+    IcpPlan
+    """
+    n = int(n_vertices)
+    tri = _check_triangles(triangles, n)
+    regs = _check_regions(regions, n)
+    return IcpPlan(n_vertices=n, triangles=tri, regions=regs, config=config, graphs=_make_plan(tri, n, regs, config))
+
+
 def icp_scores(
     pred,
     ref,
@@ -1217,6 +1269,7 @@ def icp_scores(
     threads: int | None = None,
     progress: bool = False,
     engine: str | None = None,
+    plan: IcpPlan | None = None,
 ) -> tuple[IcpResult, dict[str, IcpResult]]:
     """Global ICP point-to-plane RMSE and part RMSE in one pass (shares the per-reference work).
 
@@ -1255,6 +1308,9 @@ def icp_scores(
         distance ties) and the scores agree to rounding; numba is several times faster. With a
         torch ``device`` or a walk-only configuration the numpy path runs (its exhaustive
         searches still use the compiled kernel when numba imports).
+    plan : IcpPlan, optional
+        From :func:`icp_plan` on the same triangles, regions and config (checked), to skip the
+        topology work on repeated calls.
 
     Returns
     -------
@@ -1275,7 +1331,13 @@ def icp_scores(
         config = replace(config, score_nearest="walk", part_nearest="walk")
     be = _backend(device)
     kernel = _exact_engine(engine)
-    plan = _make_plan(tri, n, regs, config)
+    if plan is None:
+        graphs = _make_plan(tri, n, regs, config)
+    elif isinstance(plan, IcpPlan) and plan.n_vertices == n and plan.matches(tri, regs, config):
+        graphs = plan.graphs
+    else:
+        raise ValidationError("was made for other triangles, regions or config", key="plan")
+    plan = graphs
     want = bool(return_distances)
     outs = [_new_out(b, n, want)] + [_new_out(b, part.ids.size, want) for part in plan.parts]
 

@@ -1,8 +1,8 @@
 """A static HTML report of a predictions file: tables, charts and rendered faces.
 
 :func:`write_report` scores a predictions file (:func:`v2m_bench.scoring.score`, the same numbers
-as ``v2m-bench score``), registers every prediction to its reference once more with
-:func:`v2m_bench.icp.icp_scores` to get the per-vertex point-to-plane errors, and writes a folder::
+as ``v2m-bench score``), keeping the per-vertex point-to-plane errors of those registrations
+(each mesh is registered once; the mean face's come with its cached scores), and writes a folder::
 
     OUT/index.html            the page (inline CSS and a small inline sort script; no network)
     OUT/scores.json           the summary (Report.to_json)
@@ -21,7 +21,9 @@ The page shows
   and the six part regions;
 - the best, median and worst identities by RMSE: prediction and reference side by side (shaded
   grey) and the signed error drawn on the prediction;
-- the per-identity table (click a column header to sort).
+- the per-identity table (click a column header to sort);
+- the provenance (fingerprints of the references and predictions, BFM md5, metric definition
+  version) and, with few identities, a caveat beside the intervals.
 
 Averages over vertices are macro averages like the metrics: each identity weighs the same, and
 the predictions of an identity share its weight. Rendering is offscreen
@@ -33,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,17 +42,12 @@ import numpy as np
 
 from .errors import ValidationError
 from .fileio import atomic_path, write_text
-from .scoring import METRIC_NAMES, METRIC_UNITS, PAPER_RESULTS, ScoreConfig
+from .scoring import METRIC_NAMES, METRIC_UNITS, PAPER_RESULTS, ScoreConfig, VertexErrorAccumulator, VertexErrors
 
 __all__ = ["write_report", "VertexErrors", "vertex_errors", "PAPER_COLUMNS"]
 
 #: Paper columns of the score table, in order (keys of ``PAPER_RESULTS``).
 PAPER_COLUMNS = ("baseline", "supervised", "unsupervised")
-
-#: Histogram resolution of the cumulative error curves (mm) and its range; larger errors are
-#: counted in an overflow bin.
-_BIN_MM = 0.002
-_MAX_MM = 40.0
 
 _METRIC_LABELS = {
     "ER": "ER (ear to ear)",
@@ -61,6 +57,7 @@ _METRIC_LABELS = {
     "ARE_mean": "ARE mean",
     "NME": "NME (68 keypoints)",
     "RMSE": "RMSE (ICP point-to-plane)",
+    "RMSE_v2v": "RMSE vertex-to-vertex (Kabsch)",
     "RMSE_left_eye": "RMSE left eye",
     "RMSE_right_eye": "RMSE right eye",
     "RMSE_nose": "RMSE nose",
@@ -88,48 +85,6 @@ _VIEWS = (("front", "front", 0.0), ("profile", "seen from the subject's left", -
 
 
 # ------------------------------------------------------------------------------ per-vertex errors
-@dataclass
-class VertexErrors:
-    """Per-vertex point-to-plane errors of one model, accumulated over its predictions.
-
-    Attributes
-    ----------
-    mean_abs : ndarray, shape (N,), float64
-        Mean absolute signed distance (mm) of each vertex: mean over an identity's predictions,
-        then over identities.
-    hist : ndarray, shape (K + 1,), float64
-        Fraction of vertices (identity-weighted, sums to 1) per bin of width ``bin_mm`` from 0;
-        the last bin counts errors of at least ``K * bin_mm``.
-    bin_mm : float
-    mean, std : float
-        Identity-weighted mean and standard deviation of the absolute errors (mm).
-    rmse : ndarray, shape (B,), float64
-        Point-to-plane RMSE (mm) of each row scored (equals the score's ``RMSE``).
-    kept : dict of int -> dict
-        For the rows asked for: ``distances`` (N,) signed mm, ``aligned`` (N, 3) the prediction
-        registered to its reference (BFM units), ``reference`` (N, 3).
-    """
-
-    mean_abs: np.ndarray
-    hist: np.ndarray
-    bin_mm: float
-    mean: float
-    std: float
-    rmse: np.ndarray
-    kept: dict
-
-    def quantile(self, q: float) -> float:
-        """Approximate quantile of the absolute error (mm), to within ``bin_mm``."""
-        c = np.cumsum(self.hist)
-        i = int(np.searchsorted(c, q * c[-1], side="left"))
-        return float(min(i + 1, len(self.hist) - 1) * self.bin_mm)
-
-    def fraction_below(self, mm: float) -> float:
-        """Fraction of vertices whose absolute error is at most ``mm`` (to within ``bin_mm``)."""
-        k = int(round(mm / self.bin_mm))
-        return float(np.sum(self.hist[: min(k, len(self.hist) - 1)]))
-
-
 def vertex_errors(rows, references, model, *, config: ScoreConfig | None = None, keep=(), row_identity=None) -> VertexErrors:
     """Register every row to its identity's reference and accumulate the per-vertex errors.
 
@@ -161,14 +116,7 @@ def vertex_errors(rows, references, model, *, config: ScoreConfig | None = None,
     if missing:
         raise ValidationError(f"identities not in the references: {', '.join(missing[:5])}", key="identity")
     ref_index = np.array([ref_pos[i] for i in ids], dtype=np.int64)
-    _, inv, counts = np.unique(ids, return_inverse=True, return_counts=True)
-    weight = 1.0 / (len(counts) * counts[inv.reshape(-1)])  # identity-macro weight of each row
-    n = model.n_vertices
-    nbins = int(round(_MAX_MM / _BIN_MM))
-    mean_abs = np.zeros(n)
-    hist = np.zeros(nbins + 1)
-    s1 = s2 = 0.0
-    rmse = np.empty(len(ids))
+    acc = VertexErrorAccumulator(ids, model.n_vertices)
     keep = set(int(k) for k in keep)
     kept = {}
     order = np.argsort(ref_index, kind="stable")
@@ -181,14 +129,7 @@ def vertex_errors(rows, references, model, *, config: ScoreConfig | None = None,
             rv = check_face_meshes(references.to_vertices(model, used), model, path=references.path, rows=used)
             res, _ = icp_scores(pv, rv, model.triangles, None, group=local, with_scale=config.with_scale,
                                 device=config.device, engine=config.engine, return_distances=True)
-            d = np.abs(res.distances).astype(np.float64)
-            w = weight[sel]
-            mean_abs += w @ d
-            s1 += float(w @ d.sum(axis=1)) / n
-            s2 += float(w @ np.einsum("bn,bn->b", d, d)) / n
-            b = np.minimum((d / _BIN_MM).astype(np.int64), nbins)
-            hist += np.bincount(b.reshape(-1), weights=np.repeat(w / n, n), minlength=nbins + 1)
-            rmse[sel] = res.rmse
+            acc.add(sel, res.distances, res.rmse)
             for j, row in enumerate(sel.tolist()):
                 if row in keep:
                     aligned = res.scale[j] * pv[j].astype(np.float64) @ res.rotation[j].T + res.translation[j]
@@ -197,18 +138,7 @@ def vertex_errors(rows, references, model, *, config: ScoreConfig | None = None,
             bar.update(len(sel))
     finally:
         bar.close()
-    std = float(np.sqrt(max(s2 - s1 * s1, 0.0)))
-    return VertexErrors(mean_abs=mean_abs, hist=hist, bin_mm=_BIN_MM, mean=s1, std=std, rmse=rmse, kept=kept)
-
-
-class _MeanFaceRows:
-    """The mean-face predictor: one zero-coefficient face per identity."""
-
-    def __init__(self, identity):
-        self.identity = np.asarray(identity).astype(str)
-
-    def to_vertices(self, model, indices):
-        return np.broadcast_to(model.mean, (len(np.atleast_1d(indices)),) + model.mean.shape)
+    return acc.result(kept)
 
 
 # ------------------------------------------------------------------------------------- figures
@@ -253,7 +183,7 @@ def _curve_chart(path: Path, curves: list[tuple[str, str, VertexErrors]]) -> tup
     fig = _figure(6.0, 3.8)
     ax = fig.add_subplot(1, 1, 1)
     xmax = max(c[2].quantile(0.995) for c in curves)
-    xmax = float(np.ceil(max(xmax, 4 * _BIN_MM) * 10) / 10)
+    xmax = float(np.ceil(max(xmax, 4 * curves[0][2].bin_mm) * 10) / 10)
     for label, key, ve in curves:
         k = int(np.ceil(xmax / ve.bin_mm))
         x = np.arange(k + 1) * ve.bin_mm
@@ -401,18 +331,38 @@ def _score_table(report, base_report, model_label, base_label) -> str:
             b = report.baseline[name]
             bm = base_report.metrics[name]
             p = b["p_value"]
-            ptxt = "n/a" if not np.isfinite(p) else (f"{p:.3f}" if p >= 0.001 else "&lt;0.001")
+            floor = b.get("p_value_floor", np.nan)
+            if not np.isfinite(p):
+                ptxt = "n/a"
+            elif np.isfinite(floor) and p <= floor * (1 + 1e-9):
+                ptxt = f"&lt; 1/{int(round(1 / floor))}"
+            else:
+                ptxt = f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
             chg = b["relative_change"]
             ctxt = "n/a" if not np.isfinite(chg) else f"{100 * chg:+.1f}%"
             cells += [_td(_num(bm.value), "baseline"), _td(_ci(bm), "baseline_ci"), _td(ctxt, "change"), _td(ptxt, "p")]
         if report.chance is not None:
             c = report.chance[name]
             cells += [_td(_num(c.value), "chance"), _td(_ci(c), "chance_ci")]
-        cells += [_td(_num(PAPER_RESULTS[k][name]), f"paper_{k}", "num paper") for k in PAPER_COLUMNS]
+        cells += [_td(_num(PAPER_RESULTS[k].get(name, np.nan)), f"paper_{k}", "num paper") for k in PAPER_COLUMNS]
         sep = ' class="group-end"' if name in ("ARE_mean", "RMSE") else ""
         rows.append(f'<tr data-metric="{_e(name)}"{sep}>' + "".join(cells) + "</tr>")
     return ('<table id="scores"><thead><tr>' + "".join(head) + "</tr></thead><tbody>\n" + "\n".join(rows)
             + "\n</tbody></table>")
+
+
+def _provenance_block(prov: dict) -> str:
+    """What the scores were computed on (docs/metrics.md, "Comparable results")."""
+    if not prov:
+        return ""
+    rows = []
+    for k, v in prov.items():
+        if isinstance(v, dict):
+            v = ", ".join(f"{kk} {vv}" for kk, vv in v.items()) or "none (model made in memory)"
+        rows.append(f'<tr><th scope="row">{_e(k)}</th><td data-key="{_e(k)}"><code>{_e(v)}</code></td></tr>')
+    return ('<h3 id="provenance-h">Provenance</h3><p class="meta">Scores are comparable only on the same references '
+            "(fingerprint), BFM and metric definition.</p>"
+            '<table id="provenance"><tbody>' + "".join(rows) + "</tbody></table>")
 
 
 def _identity_table(report, base_report, cases: dict) -> str:
@@ -560,11 +510,13 @@ def write_report(predictions, references, out, model=None, baseline=None, config
     if baseline is not None:
         base = baseline if hasattr(baseline, "to_vertices") else read_predictions(baseline)
 
-    # numbers: score() once per file (the baseline without the mean face), then the comparison
-    report = score(preds, refs, model, config=config, regions=regions)
+    # numbers and per-vertex errors: score() once per file (the baseline without the mean face),
+    # each mesh registered once; then the comparison
+    report = score(preds, refs, model, config=config, regions=regions, vertex_errors=True)
     base_report = None
     if base is not None:
-        base_report = score(base, refs, model, config=dataclasses.replace(config, chance=False), regions=regions)
+        base_report = score(base, refs, model, config=dataclasses.replace(config, chance=False), regions=regions,
+                            vertex_errors=True)
         report.baseline = _compare(report.per_identity, base_report.per_identity, config)
 
     # best / median / worst identity by RMSE, each shown through its first utterance
@@ -579,13 +531,15 @@ def write_report(predictions, references, out, model=None, baseline=None, config
         rows = np.flatnonzero(pred_ids == ident)
         case_rows[key] = int(rows[np.argsort(utts[rows], kind="stable")[0]])
 
-    # per-vertex errors: one more registration of every prediction, with distances
-    errs = {"model": vertex_errors(preds, refs, model, config=config, keep=case_rows.values())}
-    if base is not None:
-        errs["baseline"] = vertex_errors(base, refs, model, config=config)
+    # per-vertex errors from the scoring; the three shown predictions registered again for their meshes
+    errs = {"model": report.vertex_errors["model"]}
+    shown = sorted(set(case_rows.values()))
+    errs["model"].kept = vertex_errors(preds.subset(shown), refs, model, config=config, keep=range(len(shown))).kept
+    errs["model"].kept = {shown[i]: v for i, v in errs["model"].kept.items()}
+    if base_report is not None:
+        errs["baseline"] = base_report.vertex_errors["model"]
     if report.chance is not None:
-        mf_ids = np.asarray(table.index).astype(str)
-        errs["chance"] = vertex_errors(_MeanFaceRows(mf_ids), refs, model, config=config)
+        errs["chance"] = report.vertex_errors["chance"]
 
     img = out / "img"
     img.mkdir(parents=True, exist_ok=True)
@@ -601,7 +555,8 @@ def write_report(predictions, references, out, model=None, baseline=None, config
             series.append((base_label, "baseline", *dataclasses.astuple(base_report.metrics[name])))
         if report.chance is not None:
             series.append(("mean face", "chance", *dataclasses.astuple(report.chance[name])))
-        series += [(f"paper {k}", "paper", PAPER_RESULTS[k][name], np.nan, np.nan) for k in PAPER_COLUMNS]
+        series += [(f"paper {k}", "paper", PAPER_RESULTS[k][name], np.nan, np.nan) for k in PAPER_COLUMNS
+                   if name in PAPER_RESULTS[k]]
         bars.append((name, _bar_chart(img / f"bars_{name}.png", name, series)))
 
     # curves, heat maps, regions, cases
@@ -649,6 +604,9 @@ def write_report(predictions, references, out, model=None, baseline=None, config
                  "percentile-bootstrap intervals. Ratios (ER&ndash;NME) are unitless, RMSEs in millimetres; "
                  "lower is better. Definitions: docs/metrics.md.</p>")
     parts.append('<div class="wide">' + _score_table(report, base_report, model_label, base_label) + "</div>")
+    for c in report.caveats:
+        parts.append(f'<p class="note caveat">Note: {_e(c)}.</p>')
+    parts.append(_provenance_block(report.provenance))
     parts.append('<p class="meta">Machine-readable: <a href="scores.json">scores.json</a>, '
                  '<a href="per_identity.csv">per_identity.csv</a>.</p>')
 

@@ -4,6 +4,11 @@ The aggregation follows the official evaluation: every prediction of an identity
 against that identity's single reference, the identity's value is the mean over its predictions
 (the benchmark uses 3), and the reported value is the mean over identities (macro average).
 Confidence intervals are percentile bootstraps over identities.
+
+The mean-face (chance) scores depend only on the references, the model and the metric definition:
+they are computed once and kept in the user cache (``<cache>/scores/``, keyed by the content
+fingerprints of the references and the model, the metric definition version and the options that
+change a score), so later runs on the same references read them back.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ __all__ = [
     "score",
     "score_vertices",
     "PAPER_RESULTS",
+    "VertexErrors",
+    "VertexErrorAccumulator",
+    "SMALL_SAMPLE",
 ]
 
 REGION_METRICS = (
@@ -39,11 +47,21 @@ REGION_METRICS = (
     "RMSE_right_cheek",
 )
 
-#: Metric names, in the order of the paper's tables.
-METRIC_NAMES = ("ER", "FR", "MR", "CR", "ARE_mean", "NME", "RMSE") + REGION_METRICS
+#: Metric names, in the order of the paper's tables (RMSE_v2v, not in the paper, after RMSE).
+METRIC_NAMES = ("ER", "FR", "MR", "CR", "ARE_mean", "NME", "RMSE", "RMSE_v2v") + REGION_METRICS
 
 #: Units of each metric (ratios are unitless; RMSEs are millimetres).
-METRIC_UNITS = {**{k: "" for k in ("ER", "FR", "MR", "CR", "ARE_mean", "NME")}, **{k: "mm" for k in ("RMSE",) + REGION_METRICS}}
+METRIC_UNITS = {**{k: "" for k in ("ER", "FR", "MR", "CR", "ARE_mean", "NME")},
+                **{k: "mm" for k in ("RMSE", "RMSE_v2v") + REGION_METRICS}}
+
+#: Below this many identities the table and the JSON carry a caveat beside the intervals.
+SMALL_SAMPLE = 30
+
+#: Histogram resolution (mm) and range of the per-vertex errors (:class:`VertexErrors`); larger
+#: errors are counted in an overflow bin.
+_BIN_MM = 0.002
+_MAX_MM = 40.0
+_V2V_ROWS = 16  # meshes aligned at once for RMSE_v2v (bounds memory; no effect on results)
 
 #: The paper's numbers (Voice2Mesh, arXiv 2104.10299, Tables 1-3).
 PAPER_RESULTS = {
@@ -78,7 +96,8 @@ class ScoreConfig:
     strict : bool
         Reference identities without predictions are an error instead of being reported missing.
     with_scale : bool
-        Let the ICP registration also fit a scale (similarity ICP).
+        Let the registrations also fit a scale: similarity ICP, and a similarity alignment for
+        ``RMSE_v2v``.
     chunk_size : int
         Predictions processed at once (bounds memory: a chunk holds ``chunk_size`` meshes).
     device : str, optional
@@ -90,6 +109,12 @@ class ScoreConfig:
         numba is several times faster.
     chance : bool
         Also score the mean-face predictor (zero coefficients) as a chance reference.
+    chance_cache : bool
+        Keep the mean-face scores in the user cache and read them back on later runs (they
+        depend only on the references, the model, the metric definition and the options above).
+    expect_references : str, optional
+        The references' content fingerprint (:func:`v2m_bench.provenance.fingerprint`, 64 hex
+        characters, or a prefix of at least 12): other references are refused.
     progress : bool
         Show a progress bar.
     """
@@ -102,6 +127,8 @@ class ScoreConfig:
     device: str | None = None
     engine: str | None = None
     chance: bool = True
+    chance_cache: bool = True
+    expect_references: str | None = None
     progress: bool = False
 
 
@@ -136,7 +163,12 @@ class Report:
         The mean-face predictor scored the same way.
     baseline : dict or None
         With a baseline file: per metric ``value`` (the baseline's), ``relative_change``
-        (ours / baseline - 1) and the paired bootstrap ``p_value``.
+        (ours / baseline - 1), the paired bootstrap ``p_value`` and ``p_value_floor`` (the
+        resolution limit 1 / (B + 1): a p-value equal to it means "at most that").
+    provenance : dict
+        What the score was computed on (:func:`v2m_bench.provenance.provenance`).
+    vertex_errors : dict of str to VertexErrors, optional
+        With ``score(..., vertex_errors=True)``: ``"model"`` and, with the mean face, ``"chance"``.
     """
 
     per_identity: Any
@@ -148,6 +180,16 @@ class Report:
     baseline: dict | None = None
     chance_per_identity: Any = field(default=None, repr=False)
     info: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    vertex_errors: dict | None = field(default=None, repr=False)
+
+    @property
+    def caveats(self) -> list[str]:
+        """Warnings that belong beside the intervals (few identities)."""
+        if self.n_identities < SMALL_SAMPLE and self.info.get("bootstrap", 1):
+            return [f"only {self.n_identities} identities: the 95% bootstrap intervals are rough with fewer "
+                    f"than {SMALL_SAMPLE} (percentile intervals tend to be too narrow)"]
+        return []
 
     def to_dict(self) -> dict:
         out = {
@@ -156,6 +198,10 @@ class Report:
             "n_predictions": int(self.n_predictions),
             "missing": list(self.missing),
         }
+        if self.caveats:
+            out["caveats"] = self.caveats
+        if self.provenance:
+            out["provenance"] = self.provenance
         if self.chance is not None:
             out["chance"] = {k: v.to_dict() for k, v in self.chance.items()}
         if self.baseline is not None:
@@ -168,7 +214,18 @@ class Report:
         write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
     def to_csv(self, path: str | os.PathLike) -> None:
-        write_text(path, self.per_identity.to_csv(float_format="%.6g"))
+        """One row per identity, after ``# key: value`` header lines of the provenance
+        (read it with ``pandas.read_csv(path, comment="#")``)."""
+        write_text(path, self.csv_header() + self.per_identity.to_csv(float_format="%.6g"))
+
+    def csv_header(self) -> str:
+        """The provenance as ``# key: value`` lines (empty without provenance)."""
+        lines = []
+        for k, v in self.provenance.items():
+            if isinstance(v, dict):
+                v = " ".join(f"{kk}={vv}" for kk, vv in v.items()) or "none"
+            lines.append(f"# {k}: {v}\n")
+        return "".join(lines)
 
     def table(self) -> str:
         """The summary as a text table in the paper's layout."""
@@ -187,16 +244,19 @@ class Report:
                 row.append(fmt(self.chance[name].value))
             if self.baseline is not None:
                 b = self.baseline[name]
-                row += [fmt(b["value"]), f"{100 * b['relative_change']:+.1f}%", _fmt_p(b["p_value"])]
+                row += [fmt(b["value"]), f"{100 * b['relative_change']:+.1f}%", _fmt_p(b["p_value"], b.get("p_value_floor"))]
             rows.append(row)
         widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
         lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [head] + rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        for sep_after in ("ARE_mean", "RMSE"):
+        for sep_after in ("ARE_mean", "RMSE_v2v"):
             k = 2 + METRIC_NAMES.index(sep_after)
-            lines.insert(k + 1 + (sep_after == "RMSE"), "")
+            lines.insert(k + 1 + (sep_after != "ARE_mean"), "")
         cover = f"identities scored: {self.n_identities}, predictions: {self.n_predictions}, missing: {len(self.missing)}"
-        return "\n".join(lines + ["", cover])
+        tail = ["", cover] + [f"note: {c}" for c in self.caveats]
+        if self.provenance.get("references_sha256"):
+            tail.append(f"references sha256: {self.provenance['references_sha256']}")
+        return "\n".join(lines + tail)
 
 
 def _fmt_for(name):
@@ -207,10 +267,13 @@ def _nan_or(v, spec):
     return "nan" if v is None or not np.isfinite(v) else spec.format(v)
 
 
-def _fmt_p(p):
+def _fmt_p(p, floor=None):
+    """A p-value as text; at the bootstrap's resolution limit 1/(B+1): ``< 1/(B+1)``."""
     if p is None or not np.isfinite(p):
         return "nan"
-    return f"{p:.3f}" if p >= 0.001 else "<0.001"
+    if floor is not None and np.isfinite(floor) and floor > 0 and p <= floor * (1 + 1e-9):
+        return f"< 1/{int(round(1 / floor))}"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
 def _json_float(v):
@@ -222,7 +285,8 @@ def _json_float(v):
 
 # ---------------------------------------------------------------------------------- core
 def score_vertices(pred, ref, model, regions: Mapping[str, np.ndarray], *, ref_index=None, with_scale: bool = False,
-                   device=None, threads: int | None = None, engine: str | None = None) -> dict:
+                   device=None, threads: int | None = None, engine: str | None = None, plan=None,
+                   return_distances: bool = False) -> dict:
     """Every benchmark metric for each prediction.
 
     Parameters
@@ -237,8 +301,12 @@ def score_vertices(pred, ref, model, regions: Mapping[str, np.ndarray], *, ref_i
         The six part regions (:func:`v2m_bench.topology.bfm_regions`).
     ref_index : ndarray of int, shape (B,), optional
         Which reference each prediction is scored against; ``arange(B)`` (R == B) if omitted.
-    with_scale, device, threads, engine
-        Passed to :func:`v2m_bench.icp.icp_scores`.
+    with_scale, device, threads, engine, plan
+        Passed to :func:`v2m_bench.icp.icp_scores` (``with_scale`` also to
+        :func:`v2m_bench.metrics.rmse_v2v`).
+    return_distances : bool
+        Also return ``"distances"``: the signed per-vertex point-to-plane distances (B, N) in mm
+        of the global ICP (the errors the RMSE averages).
 
     Returns
     -------
@@ -261,11 +329,97 @@ def score_vertices(pred, ref, model, regions: Mapping[str, np.ndarray], *, ref_i
     out["ARE_mean"] = are["mean"]
     out["NME"] = metrics.nme_official(pred, ref_b, model.keypoints)
     glob, parts = icp_scores(pred, ref, model.triangles, regions, group=ref_index, with_scale=with_scale, device=device,
-                             threads=threads, engine=engine)
+                             threads=threads, engine=engine, plan=plan, return_distances=return_distances)
     out["RMSE"] = np.asarray(glob.rmse)
+    out["RMSE_v2v"] = np.concatenate([  # in slices: float64 temporaries of a few meshes at a time
+        metrics.rmse_v2v(pred[lo : lo + _V2V_ROWS], ref_b[lo : lo + _V2V_ROWS], with_scale=with_scale).reshape(-1)
+        for lo in range(0, pred.shape[0], _V2V_ROWS)]) if pred.shape[0] else np.empty(0)
+    if return_distances:
+        out["distances"] = glob.distances
     for name in ("left_eye", "right_eye", "nose", "mouth", "left_cheek", "right_cheek"):
         out[f"RMSE_{name}"] = np.asarray(parts[name].rmse)
     return out
+
+
+@dataclass
+class VertexErrors:
+    """Per-vertex point-to-plane errors of one model, accumulated over its predictions.
+
+    Attributes
+    ----------
+    mean_abs : ndarray, shape (N,), float64
+        Mean absolute signed distance (mm) of each vertex: mean over an identity's predictions,
+        then over identities.
+    hist : ndarray, shape (K + 1,), float64
+        Fraction of vertices (identity-weighted, sums to 1) per bin of width ``bin_mm`` from 0;
+        the last bin counts errors of at least ``K * bin_mm``.
+    bin_mm : float
+    mean, std : float
+        Identity-weighted mean and standard deviation of the absolute errors (mm).
+    rmse : ndarray, shape (B,), float64
+        Point-to-plane RMSE (mm) of each row scored (equals the score's ``RMSE``).
+    kept : dict of int -> dict
+        For the rows asked for: ``distances`` (N,) signed mm, ``aligned`` (N, 3) the prediction
+        registered to its reference (BFM units), ``reference`` (N, 3).
+    """
+
+    mean_abs: np.ndarray
+    hist: np.ndarray
+    bin_mm: float
+    mean: float
+    std: float
+    rmse: np.ndarray
+    kept: dict
+
+    def quantile(self, q: float) -> float:
+        """Approximate quantile of the absolute error (mm), to within ``bin_mm``."""
+        c = np.cumsum(self.hist)
+        i = int(np.searchsorted(c, q * c[-1], side="left"))
+        return float(min(i + 1, len(self.hist) - 1) * self.bin_mm)
+
+    def fraction_below(self, mm: float) -> float:
+        """Fraction of vertices whose absolute error is at most ``mm`` (to within ``bin_mm``)."""
+        k = int(round(mm / self.bin_mm))
+        return float(np.sum(self.hist[: min(k, len(self.hist) - 1)]))
+
+
+class VertexErrorAccumulator:
+    """Sums per-vertex errors chunk by chunk into a :class:`VertexErrors` (identity-macro weights).
+
+    Parameters
+    ----------
+    identity : array of str, shape (B,)
+        The identity of each row (rows of one identity share its weight).
+    n_vertices : int
+    """
+
+    def __init__(self, identity, n_vertices: int):
+        ids = np.asarray(identity).astype(str)
+        _, inv, counts = np.unique(ids, return_inverse=True, return_counts=True)
+        self.weight = 1.0 / (len(counts) * counts[inv.reshape(-1)])
+        self.n = int(n_vertices)
+        self.nbins = int(round(_MAX_MM / _BIN_MM))
+        self.mean_abs = np.zeros(self.n)
+        self.hist = np.zeros(self.nbins + 1)
+        self.s1 = self.s2 = 0.0
+        self.rmse = np.full(len(ids), np.nan)
+
+    def add(self, rows, distances, rmse) -> None:
+        """Add rows ``rows`` (int (k,)) with their signed distances (k, N) mm and RMSEs (k,)."""
+        n = self.n
+        d = np.abs(distances).astype(np.float64)
+        w = self.weight[rows]
+        self.mean_abs += w @ d
+        self.s1 += float(w @ d.sum(axis=1)) / n
+        self.s2 += float(w @ np.einsum("bn,bn->b", d, d)) / n
+        b = np.minimum((d / _BIN_MM).astype(np.int64), self.nbins)
+        self.hist += np.bincount(b.reshape(-1), weights=np.repeat(w / n, n), minlength=self.nbins + 1)
+        self.rmse[rows] = rmse
+
+    def result(self, kept: dict | None = None) -> VertexErrors:
+        std = float(np.sqrt(max(self.s2 - self.s1 * self.s1, 0.0)))
+        return VertexErrors(mean_abs=self.mean_abs, hist=self.hist, bin_mm=_BIN_MM, mean=self.s1, std=std, rmse=self.rmse,
+                            kept=kept or {})
 
 
 def _per_identity_table(identity: np.ndarray, values: Mapping[str, np.ndarray]):
@@ -292,8 +446,10 @@ def _iter_chunks(n: int, size: int):
         yield np.arange(start, min(n, start + size))
 
 
-def _score_files_core(preds, refs, model, regions, config: ScoreConfig, *, desc: str):
-    """Score a Predictions object against a References object; returns (identity array, metric dict)."""
+def _score_files_core(preds, refs, model, regions, config: ScoreConfig, *, desc: str, plan=None, errors=None):
+    """Score a Predictions object against a References object; returns (identity array, metric dict).
+
+    ``errors``: a VertexErrorAccumulator over these rows, fed with each chunk's distances."""
     ref_ids = np.asarray(refs.identity).astype(str)
     ref_pos = {name: i for i, name in enumerate(ref_ids)}
     pred_ids = np.asarray(preds.identity).astype(str)
@@ -309,9 +465,11 @@ def _score_files_core(preds, refs, model, regions, config: ScoreConfig, *, desc:
             pv = _face(preds.to_vertices(model, rows), preds, model, rows)
             rv = _face(refs.to_vertices(model, used_refs), refs, model, used_refs)
             out = score_vertices(pv, rv, model, regions, ref_index=local, with_scale=config.with_scale, device=config.device,
-                                 engine=config.engine)
+                                 engine=config.engine, plan=plan, return_distances=errors is not None)
             for k in METRIC_NAMES:
                 values[k][rows] = out[k]
+            if errors is not None:
+                errors.add(rows, out["distances"], out["RMSE"])
             bar.update(len(rows))
     finally:
         bar.close()
@@ -354,7 +512,8 @@ class _MeanFace:
         return np.broadcast_to(model.mean, (len(indices),) + model.mean.shape)
 
 
-def score(predictions, references, model=None, *, baseline=None, config: ScoreConfig | None = None, regions=None) -> Report:
+def score(predictions, references, model=None, *, baseline=None, config: ScoreConfig | None = None, regions=None,
+          vertex_errors: bool = False) -> Report:
     """Score a predictions file against the references.
 
     Parameters
@@ -370,6 +529,9 @@ def score(predictions, references, model=None, *, baseline=None, config: ScoreCo
     config : ScoreConfig, optional
     regions : mapping, optional
         Part regions; the frozen BFM regions by default.
+    vertex_errors : bool
+        Also accumulate the per-vertex errors of the ICP registrations (``Report.vertex_errors``,
+        for :func:`v2m_bench.report.write_report`): each mesh is still registered once.
 
     Returns
     -------
@@ -379,25 +541,33 @@ def score(predictions, references, model=None, *, baseline=None, config: ScoreCo
     ------
     ValidationError
         Unreadable or invalid files, predictions for identities that are not in the references,
-        or (with ``config.strict``) reference identities without predictions.
+        (with ``config.strict``) reference identities without predictions, or (with
+        ``config.expect_references``) references whose fingerprint differs.
     """
     from .bfm import MorphableModel, load_bfm
     from .formats import check_coverage, read_predictions, read_references
+    from .icp import icp_plan
+    from .provenance import fingerprint, provenance
 
     config = config or ScoreConfig()
     if not isinstance(model, MorphableModel):
         model = load_bfm(model)
+    refs = references if hasattr(references, "to_vertices") else read_references(references)
+    ref_fp = fingerprint(refs)
+    _check_expected(ref_fp, config.expect_references, refs)
     if regions is None:
         from .topology import bfm_regions
 
         regions = bfm_regions(model)
-    refs = references if hasattr(references, "to_vertices") else read_references(references)
     preds = predictions if hasattr(predictions, "to_vertices") else read_predictions(predictions)
     _check_vertex_count(preds, model)
     _check_vertex_count(refs, model)
     coverage = check_coverage(preds, refs, strict=config.strict)
+    plan = icp_plan(model.triangles, model.n_vertices, regions)
 
-    pred_ids, values = _score_files_core(preds, refs, model, regions, config, desc="scoring")
+    pred_ids = np.asarray(preds.identity).astype(str)
+    errors = VertexErrorAccumulator(pred_ids, model.n_vertices) if vertex_errors else None
+    pred_ids, values = _score_files_core(preds, refs, model, regions, config, desc="scoring", plan=plan, errors=errors)
     table = _per_identity_table(pred_ids, values)
     report = Report(
         per_identity=table,
@@ -406,21 +576,130 @@ def score(predictions, references, model=None, *, baseline=None, config: ScoreCo
         n_predictions=len(pred_ids),
         missing=list(coverage.missing),
         info={"bfm_genuine": bool(model.is_genuine), "bootstrap": config.bootstrap, "seed": config.seed, "with_scale": config.with_scale},
+        provenance=provenance(preds, refs, model, references_fingerprint=ref_fp),
     )
+    if vertex_errors:
+        report.vertex_errors = {"model": errors.result()}
     if config.chance:
         ids = np.asarray(table.index).astype(str)
-        mf_ids, mf_values = _score_files_core(_MeanFace(ids), refs, model, regions, config, desc="mean face")
-        mf_table = _per_identity_table(mf_ids, mf_values)
+        mf_table, mf_errors = _chance(refs, ids, model, regions, config, plan, ref_fp, vertex_errors)
         report.chance = _summarise(mf_table, config)
         report.chance_per_identity = mf_table
+        if vertex_errors:
+            report.vertex_errors["chance"] = mf_errors
     if baseline is not None:
         base = baseline if hasattr(baseline, "to_vertices") else read_predictions(baseline)
         _check_vertex_count(base, model)
         check_coverage(base, refs, strict=False)
-        b_ids, b_values = _score_files_core(base, refs, model, regions, config, desc="baseline")
+        b_ids, b_values = _score_files_core(base, refs, model, regions, config, desc="baseline", plan=plan)
         b_table = _per_identity_table(b_ids, b_values)
         report.baseline = _compare(table, b_table, config)
     return report
+
+
+def _check_expected(ref_fp: str, expected: str | None, refs) -> None:
+    if expected is None:
+        return
+    want = str(expected).strip().lower()
+    if len(want) < 12 or any(c not in "0123456789abcdef" for c in want):
+        raise ValidationError(f"expected a sha256 fingerprint (at least 12 hex characters), found {expected!r}",
+                              key="expect_references")
+    if not ref_fp.startswith(want):
+        raise ValidationError(f"references have fingerprint {ref_fp}, not the expected {want}",
+                              path=getattr(refs, "path", None))
+
+
+# ------------------------------------------------------------------------------ mean-face cache
+def _chance_key(ref_fp: str, model, regions, config: ScoreConfig) -> str:
+    """Everything the mean-face scores depend on, hashed."""
+    import hashlib
+    import importlib.util
+
+    from .icp import DEFAULT_ICP_CONFIG
+    from .provenance import METRIC_DEFINITION_VERSION, model_fingerprint
+    from .topology import region_checksum
+
+    engine = config.engine or "auto"
+    if engine == "auto":  # what "auto" runs decides the last bits
+        engine = "numba" if importlib.util.find_spec("numba") is not None else "kdtree"
+    parts = {
+        "references": ref_fp,
+        "model": model_fingerprint(model),
+        "metric_definition": METRIC_DEFINITION_VERSION,
+        "icp": repr(DEFAULT_ICP_CONFIG),
+        "regions": {str(k): region_checksum(v) for k, v in regions.items()},
+        "with_scale": bool(config.with_scale),
+        "engine": engine,
+        "device": None if config.device is None else str(config.device),
+        "bins": [_BIN_MM, _MAX_MM],
+        "metrics": list(METRIC_NAMES),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _chance_file(key: str) -> Path:
+    from .bfm import default_cache_dir
+
+    return default_cache_dir() / "scores" / f"meanface-{key[:32]}.npz"
+
+
+def _read_chance(path: Path, key: str, ref_ids: np.ndarray):
+    """The cached mean-face values, or None when absent, unreadable or for other references."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) != key or not np.array_equal(z["identity"].astype(str), ref_ids):
+                return None
+            values = {k: np.asarray(z[f"metric_{k}"], np.float64) for k in METRIC_NAMES}
+            errs = VertexErrors(mean_abs=z["mean_abs"], hist=z["hist"], bin_mm=float(z["bin_mm"]), mean=float(z["mean"]),
+                                std=float(z["std"]), rmse=z["rmse"], kept={})
+    except (OSError, KeyError, ValueError):
+        return None
+    if any(v.shape != ref_ids.shape for v in values.values()):
+        return None
+    return values, errs
+
+
+def _write_chance(path: Path, key: str, ref_ids: np.ndarray, values: dict, errs: VertexErrors) -> None:
+    import io
+
+    from .fileio import write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, key=np.array(key), identity=ref_ids, mean_abs=errs.mean_abs, hist=errs.hist, bin_mm=np.float64(errs.bin_mm),
+             mean=np.float64(errs.mean), std=np.float64(errs.std), rmse=errs.rmse,
+             **{f"metric_{k}": values[k] for k in METRIC_NAMES})
+    try:
+        write_bytes(path, buf.getvalue())
+    except (OSError, ValidationError):  # a read-only or odd cache folder: the scores stand without it
+        pass
+
+
+def _chance(refs, ids, model, regions, config: ScoreConfig, plan, ref_fp: str, want_errors: bool):
+    """Mean-face per-identity table for identities ``ids`` (and its vertex errors when asked).
+
+    All reference identities are scored (each on its own: the values do not depend on which
+    others are scored with it), cached, and the rows of ``ids`` taken; the vertex errors are
+    those of all references when ``ids`` covers them, else computed for ``ids``.
+    """
+    ref_ids = np.asarray(refs.identity).astype(str)
+    key = _chance_key(ref_fp, model, regions, config) if config.chance_cache else None
+    cached = _read_chance(_chance_file(key), key, ref_ids) if key else None
+    if cached is None:
+        acc = VertexErrorAccumulator(ref_ids, model.n_vertices)
+        _, values = _score_files_core(_MeanFace(ref_ids), refs, model, regions, config, desc="mean face", plan=plan, errors=acc)
+        errs = acc.result()
+        if key:
+            _write_chance(_chance_file(key), key, ref_ids, values, errs)
+    else:
+        values, errs = cached
+    pos = {name: i for i, name in enumerate(ref_ids.tolist())}
+    sel = np.array([pos[i] for i in ids], dtype=np.int64)
+    table = _per_identity_table(ids, {k: values[k][sel] for k in METRIC_NAMES})
+    if want_errors and sel.size != ref_ids.size:
+        acc = VertexErrorAccumulator(ids, model.n_vertices)
+        _score_files_core(_MeanFace(ids), refs, model, regions, config, desc="mean face", plan=plan, errors=acc)
+        errs = acc.result()
+    return table, (errs if want_errors else None)
 
 
 def _check_vertex_count(obj, model):
@@ -449,6 +728,7 @@ def _compare(table, base_table, config: ScoreConfig) -> dict:
             "relative_change": float(amean[i] / bmean[i] - 1.0) if bmean[i] != 0 else float("nan"),
             "difference": float(diff[i]),
             "p_value": float(p[i]),
+            "p_value_floor": 1.0 / (config.bootstrap + 1.0) if config.bootstrap > 0 else float("nan"),
             "n_identities": int(len(common)),
         }
     return out

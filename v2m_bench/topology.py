@@ -236,10 +236,15 @@ def region_masks(mean, keypoints, triangles, *, normals=None) -> dict[str, np.nd
     taken = np.zeros(n, dtype=bool)
     out = {}
     for name in _PRIORITY:
-        idx = np.flatnonzero((normals[:, 2] > REGION_NZ_MIN[name]) & ~taken)
-        dist = _hull_distance(xy[idx], xy[kp[list(REGION_KEYPOINTS[name])]])
+        hull_pts = xy[kp[list(REGION_KEYPOINTS[name])]]
+        margin = REGION_MARGINS[name] * d
+        # a point outside the hull's bounding box grown by the margin is farther than the margin
+        # from the hull: only the others need the exact distance (the same mask, far less work)
+        near = np.all((xy >= hull_pts.min(axis=0) - margin) & (xy <= hull_pts.max(axis=0) + margin), axis=1)
+        idx = np.flatnonzero((normals[:, 2] > REGION_NZ_MIN[name]) & ~taken & near)
+        dist = _hull_distance(xy[idx], hull_pts)
         mask = np.zeros(n, dtype=bool)
-        mask[idx[dist <= REGION_MARGINS[name] * d]] = True
+        mask[idx[dist <= margin]] = True
         taken |= mask  # step 5 works on the candidates, before step 6 trims them
         out[name] = _largest_component(mask, tri)
     return {name: out[name] for name in REGION_NAMES}

@@ -1,0 +1,100 @@
+"""The vertex-to-vertex RMSE (Kabsch / Umeyama alignment, then RMS of the vertex distances)."""
+
+import numpy as np
+import pytest
+
+from v2m_bench.errors import ValidationError
+from v2m_bench.metrics import rmse_v2v
+
+
+def _rotation(rng):
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    return q * np.sign(np.linalg.det(q))
+
+
+def _face(rng, n=4000):
+    """A smooth random surface in BFM units (micrometres): about 150 x 200 x 60 mm."""
+    u, v = rng.uniform(-1, 1, size=(2, n))
+    return np.stack([75_000 * u, 100_000 * v, 30_000 * (1 - u * u) * (1 - 0.5 * v * v)], axis=1)
+
+
+def test_a_rigidly_moved_copy_scores_zero():
+    rng = np.random.default_rng(0)
+    ref = _face(rng)
+    moved = np.stack([ref @ _rotation(rng).T + rng.normal(size=3) * 20_000 for _ in range(4)])
+    out = rmse_v2v(moved, ref)
+    assert out.shape == (4,)
+    assert np.all(out < 1e-6)
+    # a scaled copy is not zero rigidly, but is with the similarity alignment
+    scaled = 1.07 * moved
+    assert np.all(rmse_v2v(scaled, ref) > 1.0)
+    assert np.all(rmse_v2v(scaled, ref, with_scale=True) < 1e-6)
+
+
+@pytest.mark.parametrize("sigma_mm", [0.2, 1.0])
+def test_iid_noise_gives_sigma_sqrt3(sigma_mm):
+    rng = np.random.default_rng(1)
+    n = 20_000
+    ref = _face(rng, n)
+    pred = ref @ _rotation(rng).T + np.array([3_000.0, -1_000.0, 500.0])
+    pred = pred + rng.normal(size=pred.shape) * sigma_mm * 1000.0
+    got = float(rmse_v2v(pred, ref))
+    want = sigma_mm * np.sqrt(3.0)
+    # the mean square of 3n squared normals has relative sd sqrt(2 / (3n)); 4 sd, and the
+    # alignment absorbs 6 of the 3n degrees of freedom (a relative bias of 1e-4)
+    tol = 4 * np.sqrt(2.0 / (3 * n)) / 2 + 1e-4
+    assert got == pytest.approx(want, rel=tol)
+
+
+def test_alignment_is_the_least_squares_one():
+    rng = np.random.default_rng(2)
+    ref = _face(rng, 3000)
+    pred = ref @ _rotation(rng).T + rng.normal(size=ref.shape) * 800
+    res = rmse_v2v(pred, ref, return_alignment=True)
+    aligned = pred @ res.rotation[0].T + res.translation[0]
+    base = float(np.sqrt(np.mean(np.sum((aligned - ref) ** 2, axis=1)))) / 1000
+    assert res.rmse[0] == pytest.approx(base, rel=1e-12)
+    assert np.allclose(res.distances[0], np.linalg.norm(aligned - ref, axis=1) / 1000)
+    assert np.linalg.det(res.rotation[0]) == pytest.approx(1.0)
+    # any perturbation of the transform does worse
+    for k in range(5):
+        w = rng.normal(size=3) * 1e-3
+        kx = np.array([[0, -w[2], w[1]], [w[2], 0, -w[0]], [-w[1], w[0], 0]])
+        r2 = (np.eye(3) + kx) @ res.rotation[0]
+        u, _, vt = np.linalg.svd(r2)
+        moved = pred @ (u @ vt).T + res.translation[0] + rng.normal(size=3) * 50
+        assert np.sqrt(np.mean(np.sum((moved - ref) ** 2, axis=1))) / 1000 > res.rmse[0]
+
+
+def test_regions_are_aligned_on_their_own():
+    rng = np.random.default_rng(3)
+    ref = _face(rng, 3000)
+    pred = ref.copy()
+    left = ref[:, 0] > 0
+    # the left half moved rigidly on its own: zero in that region, not globally
+    pred[left] = ref[left] @ _rotation(rng).T + 5_000
+    glob, parts = rmse_v2v(pred, ref, regions={"left": left, "right": ~left})
+    assert glob > 1.0
+    assert parts["left"] < 1e-6 and parts["right"] < 1e-6
+    with pytest.raises(ValidationError, match="regions"):
+        rmse_v2v(pred, ref, regions={"bad": np.zeros(3, bool)})
+
+
+def test_never_below_the_icp_rmse(bfm):
+    from v2m_bench.icp import icp_scores
+
+    rng = np.random.default_rng(4)
+    ref = bfm.vertices((rng.normal(size=(2, 40)) * bfm.shape_std).astype(np.float32), np.tile(bfm.expression_mean, (2, 1)))
+    preds = []
+    for k, noise in enumerate((0.2, 0.6, 1.5)):
+        s = rng.normal(size=(2, 40)) * bfm.shape_std * noise
+        e = np.tile(bfm.expression_mean, (2, 1)) + rng.normal(size=(2, 10)) * bfm.expression_std * noise
+        preds.append(bfm.vertices(s.astype(np.float32), e.astype(np.float32)))
+    pred = np.concatenate(preds)
+    group = np.tile([0, 1], 3)
+    glob, _ = icp_scores(pred, ref, bfm.triangles, group=group)
+    v2v = rmse_v2v(pred, ref[group])
+    assert np.all(v2v >= glob.rmse)
+    assert np.all(v2v > 1.2 * glob.rmse)  # nearest-vertex matching reads well below the true error
+    scaled = rmse_v2v(pred, ref[group], with_scale=True)
+    assert np.all(scaled <= v2v + 1e-12)
