@@ -264,7 +264,7 @@ def test_convert_cmp_non_utf8_folder_is_one_line_exit_2(tmp_path):
     bad = os.path.join(os.fsencode(cmp), b"Caf\xe9")
     os.mkdir(bad)
     _obj(Path(os.fsdecode(bad)) / "vid_00001.obj")
-    res = CliRunner().invoke(bench_convert.command, [str(cmp), str(tmp_path / "p.h5"), "--expected-vertices", "3",
+    res = CliRunner().invoke(bench_convert.command, [str(cmp), "--out", str(tmp_path / "p.h5"), "--expected-vertices", "3",
                                                      "--no-scale-check"])
     assert res.exit_code == 2, res.output
     assert res.output.count("\n") == 1 and "Caf\\xe9: name is not valid UTF-8" in res.output
