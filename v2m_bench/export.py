@@ -165,11 +165,11 @@ class ExportResult:
 def _file_kind(path: Path) -> str:
     import h5py
 
-    from .formats import PREDICTIONS_FORMAT, REFERENCES_FORMAT, _as_str
+    from .formats import PREDICTIONS_FORMAT, REFERENCES_FORMAT, attr_str
 
     try:
         with h5py.File(path, "r") as f:
-            fmt = _as_str(f.attrs["format"]) if "format" in f.attrs else None
+            fmt = attr_str(f.attrs["format"]) if "format" in f.attrs else None
     except FileNotFoundError:
         raise ValidationError("no such file", path=path) from None
     except OSError as e:

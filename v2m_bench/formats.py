@@ -69,7 +69,7 @@ _SCAN_ROWS = 32
 
 
 # --------------------------------------------------------------------------- small helpers
-def _as_str(value: Any) -> str | None:
+def attr_str(value: Any) -> str | None:
     """An HDF5 attribute as a str (vlen str, fixed-length bytes, 0-d arrays), else None."""
     if isinstance(value, np.ndarray) and value.shape == ():
         value = value[()]
@@ -85,7 +85,7 @@ def _as_str(value: Any) -> str | None:
 
 def _py(value: Any) -> Any:
     """An HDF5 attribute value as plain Python (str, int, float, list)."""
-    s = _as_str(value)
+    s = attr_str(value)
     if s is not None:
         return s
     if isinstance(value, np.generic):
@@ -234,7 +234,7 @@ def _check_unique(keys: list[tuple], key: str, what: str, path: Path | None) -> 
 
 
 def _check_units(units, path: Path | None) -> str:
-    s = _as_str(units)
+    s = attr_str(units)
     if s not in UNITS_TO_BFM:
         raise ValidationError(
             f"attribute 'units' is {units!r}; expected one of {', '.join(UNITS_TO_BFM)}", path=_where(path), key="vertices"
@@ -873,7 +873,7 @@ def _read_format(f, path: Path, expected: str) -> dict:
     attrs = {k: _py(v) for k, v in f.attrs.items()}
     if "format" not in f.attrs:
         raise ValidationError(f"missing file attribute (expected {expected!r})", path=path, key="format")
-    fmt = _as_str(f.attrs["format"])
+    fmt = attr_str(f.attrs["format"])
     if fmt != expected:
         raise ValidationError(f"is {attrs['format']!r}, expected {expected!r}", path=path, key="format")
     if "version" not in f.attrs:

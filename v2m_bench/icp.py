@@ -1032,10 +1032,8 @@ def _exact_engine(name: str | None):
     Both are exhaustive: the choice changes the time, not the result (up to exact distance ties).
     """
     if name in (None, "auto", "numba"):
-        import importlib
-
         try:
-            _nnkernel = importlib.import_module(f"{__package__}._nnkernel")
+            from . import _nnkernel  # numba, imported only when the compiled engine is used
         except ImportError:
             if name == "numba":
                 raise ValidationError("numba is not installed (pip install numba)", key="engine") from None
@@ -1363,7 +1361,9 @@ def icp_scores(
     nthreads = threads if threads is not None else min(os.cpu_count() or 1, 8)
     if be.name != "numpy":
         nthreads = 1
-    bar = _progress_bar(b, progress)
+    from .fileio import progress as progress_bar
+
+    bar = progress_bar(total=b, unit="mesh", desc="ICP", enabled=None if progress else False)  # a terminal only
     try:
         if nthreads <= 1 or len(chunks) <= 1:
             for ch in chunks:
@@ -1468,22 +1468,3 @@ def nearest_vertices(points, ref, triangles, start=None, *, max_steps: int = DEF
     x = (pts - centroid[:, None]).astype(np.float32).reshape(-1, 3)
     base = np.repeat(np.arange(g) * n, m)
     return _walk(be, tab, x, st.reshape(-1).copy(), base, max_steps).reshape(g, m)
-
-
-def _progress_bar(total: int, enabled: bool):
-    class _Null:
-        def update(self, k):
-            pass
-
-        def close(self):
-            pass
-
-    if not enabled:
-        return _Null()
-    import sys
-
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _Null()
-    return tqdm(total=total, unit="mesh", desc="ICP", disable=not sys.stderr.isatty())

@@ -107,7 +107,8 @@ def vertex_errors(rows, references, model, *, config: ScoreConfig | None = None,
     """
     from .icp import icp_scores
     from .formats import check_face_meshes
-    from .scoring import _iter_chunks, _progress
+    from .fileio import progress
+    from .scoring import iter_chunks
 
     config = config or ScoreConfig()
     ids = np.asarray(rows.identity if row_identity is None else row_identity).astype(str)
@@ -120,9 +121,9 @@ def vertex_errors(rows, references, model, *, config: ScoreConfig | None = None,
     keep = set(int(k) for k in keep)
     kept = {}
     order = np.argsort(ref_index, kind="stable")
-    bar = _progress(len(ids), "per-vertex errors", config.progress)
+    bar = progress(total=len(ids), desc="per-vertex errors", unit="mesh", enabled=config.progress)
     try:
-        for chunk in _iter_chunks(len(order), config.chunk_size):
+        for chunk in iter_chunks(len(order), config.chunk_size):
             sel = order[chunk]
             used, local = np.unique(ref_index[sel], return_inverse=True)
             pv = check_face_meshes(rows.to_vertices(model, sel), model, path=getattr(rows, "path", None), rows=sel)
@@ -489,7 +490,7 @@ def write_report(predictions, references, out, model=None, baseline=None, config
     """
     from .bfm import MorphableModel, load_bfm
     from .formats import read_predictions, read_references
-    from .scoring import _compare, score
+    from .scoring import compare_tables, score
 
     config = config or ScoreConfig()
     out = Path(out)
@@ -517,7 +518,7 @@ def write_report(predictions, references, out, model=None, baseline=None, config
     if base is not None:
         base_report = score(base, refs, model, config=dataclasses.replace(config, chance=False), regions=regions,
                             vertex_errors=True)
-        report.baseline = _compare(report.per_identity, base_report.per_identity, config)
+        report.baseline = compare_tables(report.per_identity, base_report.per_identity, config)
 
     # best / median / worst identity by RMSE, each shown through its first utterance
     table = report.per_identity

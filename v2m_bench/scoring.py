@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import ValidationError
-from .fileio import write_text
+from .fileio import progress, write_text
 
 __all__ = [
     "METRIC_NAMES",
@@ -260,7 +260,7 @@ class Report:
 
 
 def _fmt_for(name):
-    return (lambda v: _nan_or(v, "{:.4f}")) if name.startswith("RMSE") else (lambda v: _nan_or(v, "{:.4f}"))
+    return lambda v: _nan_or(v, "{:.4f}")
 
 
 def _nan_or(v, spec):
@@ -441,7 +441,8 @@ def _summarise(table, config: ScoreConfig) -> dict:
     return {k: MetricValue(float(mean[i]), float(lo[i]), float(hi[i])) for i, k in enumerate(METRIC_NAMES)}
 
 
-def _iter_chunks(n: int, size: int):
+def iter_chunks(n: int, size: int):
+    """Row indices ``0..n-1`` in consecutive chunks of at most ``size`` (int64 arrays)."""
     for start in range(0, n, size):
         yield np.arange(start, min(n, start + size))
 
@@ -457,9 +458,9 @@ def _score_files_core(preds, refs, model, regions, config: ScoreConfig, *, desc:
     # group predictions by reference so each chunk needs few reference meshes
     order = np.argsort(ref_index_all, kind="stable")
     values = {k: np.empty(len(pred_ids), np.float64) for k in METRIC_NAMES}
-    bar = _progress(len(order), desc, config.progress)
+    bar = progress(total=len(order), desc=desc, unit="mesh", enabled=config.progress)
     try:
-        for chunk in _iter_chunks(len(order), config.chunk_size):
+        for chunk in iter_chunks(len(order), config.chunk_size):
             rows = order[chunk]
             used_refs, local = np.unique(ref_index_all[rows], return_inverse=True)
             pv = _face(preds.to_vertices(model, rows), preds, model, rows)
@@ -476,30 +477,12 @@ def _score_files_core(preds, refs, model, regions, config: ScoreConfig, *, desc:
     return pred_ids, values
 
 
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
 def _face(v, source, model, rows):
     """``v`` once :func:`~v2m_bench.formats.check_face_meshes` accepts it (row numbers of ``source``)."""
     from .formats import check_face_meshes
 
     key = "vertices" if getattr(source, "vertices", None) is not None else "shape"
     return check_face_meshes(v, model, path=getattr(source, "path", None), key=key, rows=rows)
-
-
-def _progress(total, desc, enabled):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional for v2m_bench
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit="mesh")
 
 
 class _MeanFace:
@@ -593,7 +576,7 @@ def score(predictions, references, model=None, *, baseline=None, config: ScoreCo
         check_coverage(base, refs, strict=False)
         b_ids, b_values = _score_files_core(base, refs, model, regions, config, desc="baseline", plan=plan)
         b_table = _per_identity_table(b_ids, b_values)
-        report.baseline = _compare(table, b_table, config)
+        report.baseline = compare_tables(table, b_table, config)
     return report
 
 
@@ -710,7 +693,9 @@ def _check_vertex_count(obj, model):
         )
 
 
-def _compare(table, base_table, config: ScoreConfig) -> dict:
+def compare_tables(table, base_table, config: ScoreConfig) -> dict:
+    """Per metric: the baseline's value, the relative change and the paired bootstrap p-value over
+    the identities both per-identity tables share (see :func:`v2m_bench.stats.paired_bootstrap`)."""
     from .stats import paired_bootstrap
 
     common = table.index.intersection(base_table.index)

@@ -138,6 +138,7 @@ import numpy as np
 
 from v2m_bench.bfm import MorphableModel
 from v2m_bench.errors import ValidationError
+from v2m_bench.fileio import progress as progress_bar
 
 __all__ = [
     "FitConfig",
@@ -619,7 +620,8 @@ def fit_landmarks(landmarks, bfm, config: FitConfig = FitConfig(), *, progress: 
 
             pool = ThreadPoolExecutor(max_workers=threads)
             results = pool.map(work, chunks)
-        for ch, res in _progress(results, len(chunks), progress):
+        bar_on = None if (progress and len(chunks) >= 2) else False  # a terminal only
+        for ch, res in progress_bar(results, total=len(chunks), desc="fit landmarks", unit="chunk", enabled=bar_on):
             coeff[ch] = res["coeff"]
             scale[ch] = res["scale"]
             rotation[ch] = res["rotation"]
@@ -690,18 +692,6 @@ def _available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not on Linux
         return os.cpu_count() or 1
-
-
-def _progress(results, total, progress):
-    if not progress or total < 2:
-        return results
-    import sys
-
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return results
-    return tqdm(results, total=total, desc="fit landmarks", unit="chunk", disable=not sys.stderr.isatty())
 
 
 def _camera(x, xm, obs_t, om, oo):

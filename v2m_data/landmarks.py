@@ -31,7 +31,6 @@ import dataclasses
 import importlib.util
 import inspect
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -55,6 +54,7 @@ __all__ = [
     "DlibDetector",
     "PrecomputedDetector",
     "make_detector",
+    "resolve_device",
     "BACKENDS",
     "FAN_WEIGHT_FILES",
     "landmark_box",
@@ -296,7 +296,8 @@ def _check_select(value: str) -> None:
         raise ValidationError(f"must be 'largest' or 'score', got {value!r}", key="select")
 
 
-def _resolve_device(device: str) -> str:
+def resolve_device(device: str) -> str:
+    """``"auto"``: ``"cuda"`` when torch sees a GPU, else ``"cpu"``; any other value as given."""
     if device == "auto":
         try:
             import torch
@@ -415,15 +416,11 @@ class LandmarkDetector(abc.ABC):
         if len(boxes) != len(images):
             raise ValidationError(f"got {len(images)} images but {len(boxes)} boxes", key="boxes")
         checked = [None if b is None else as_box(b, what=f"boxes[{i}]") for i, b in enumerate(boxes)]
-        from tqdm.auto import tqdm
+        from v2m_bench.fileio import progress as progress_bar
 
         out: list[Detection] = []
-        bar = tqdm(
-            total=len(images),
-            desc=f"landmarks ({self.name})",
-            unit="img",
-            disable=not progress or not sys.stderr.isatty(),
-        )
+        bar = progress_bar(total=len(images), desc=f"landmarks ({self.name})", unit="img",
+                           enabled=None if progress else False)  # a terminal only
         try:
             for start in range(0, len(images), max(1, self.batch_size)):
                 chunk = images[start : start + self.batch_size]
@@ -483,7 +480,7 @@ class FanDetector(LandmarkDetector):
     def __init__(self, device: str = "cpu", config: FanConfig | None = None):
         self.config = config or FanConfig()
         _check_select(self.config.select)
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         try:
             import face_alignment
         except ImportError as exc:

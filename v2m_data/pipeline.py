@@ -76,6 +76,7 @@ import numpy as np
 
 from v2m_bench.errors import V2MError, ValidationError
 from v2m_bench.fileio import open_exclusive, sha256_file
+from v2m_bench.fileio import progress as progress_bar
 from v2m_bench.formats import REFERENCES_FORMAT
 
 from .audio import AudioConfig, load_audio, log_mel, mel_filterbank, normalise, vad_trim
@@ -563,9 +564,7 @@ def _confirmer(detector, gate: FaceGateConfig):
 
 
 def _bar(total: int, desc: str, enabled: bool, unit: str = "it"):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False)
+    return progress_bar(total=total, desc=desc, unit=unit, enabled=bool(enabled), leave=False)
 
 
 def process_utterances(ident_files: Sequence, wav_root: Path, config: AudioConfig, *, progress: bool = False) -> tuple:
@@ -1075,9 +1074,9 @@ def _resolve(config: BuildConfig) -> dict:
     overrides = read_overrides(config.reference_overrides) if config.reference_overrides else None
     device = config.device
     if device == "auto":
-        from .landmarks import _resolve_device
+        from .landmarks import resolve_device
 
-        device = _resolve_device("auto") if config.detector == "fan" else "cpu"
+        device = resolve_device("auto") if config.detector == "fan" else "cpu"
     return {
         "wav_root": wav_root.resolve(),
         "images_root": images_root.resolve(),
@@ -1375,9 +1374,8 @@ def build(config: BuildConfig, *, log: Callable[[str], None] | None = None) -> B
         payload = _plan_payload(config, resolved, table, shards)
         params, inputs_key = payload["parameters"], payload["inputs"]
         tasks, fingerprints, skipped = [], {}, []
-        from tqdm.auto import tqdm
-
-        with tqdm(total=sum(len(s.identities) for s in mine), desc="scan files", unit="id", disable=not progress) as bar:
+        with progress_bar(total=sum(len(s.identities) for s in mine), desc="scan files", unit="id",
+                          enabled=bool(progress)) as bar:
             for s in mine:
                 files = []
                 for ident in s.identities:
@@ -1419,7 +1417,7 @@ def build(config: BuildConfig, *, log: Callable[[str], None] | None = None) -> B
         t = time.perf_counter()
         stage_time: dict = {}
         items = sum(len(u) + len(i) for tk in tasks for (u, i, _n, _m) in tk.files)
-        with tqdm(total=items, desc="shards", unit="item", disable=not progress) as bar:
+        with progress_bar(total=items, desc="shards", unit="item", enabled=bool(progress)) as bar:
 
             def done(rep: dict) -> None:
                 result.shards_built += 1

@@ -272,7 +272,7 @@ def embed_utterances(fn, features, device, batch_size: int = 16, amp_dtype=None)
     return out if out is not None else np.zeros((0, 0), np.float32)
 
 
-class _VoiceTask(Task):
+class VoiceTask(Task):
     """Shared data handling: training set, feature bank, planner, loaders, test features."""
 
     with_targets = False
@@ -333,7 +333,7 @@ class _VoiceTask(Task):
 
 
 # ------------------------------------------------------------------------------------- voice encoder
-class VoiceEncoderTask(_VoiceTask):
+class VoiceEncoderTask(VoiceTask):
     """Speaker classification over the training identities (see the module docstring)."""
 
     kind = "voice-encoder"
@@ -431,7 +431,7 @@ def centroid_identification(embeddings: np.ndarray, groups: np.ndarray) -> float
 
 
 # ------------------------------------------------------------------------------------- supervised
-class SupervisedTask(_VoiceTask):
+class SupervisedTask(VoiceTask):
     """L2 regression of normalised 3DMM coefficients from voice (see the module docstring)."""
 
     kind = "supervised"

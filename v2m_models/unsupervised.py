@@ -86,7 +86,7 @@ from .data import (
 )
 from .kd import KD_NAMES, PKTLoss, make_kd_loss
 from .nets import VOICE_CHANNELS, FaceCritic, Frozen, Generator, VoiceEncoder
-from .supervised import _VoiceTask, embed_utterances, geometric_metrics, load_encoder, usable_bfm
+from .supervised import VoiceTask, embed_utterances, geometric_metrics, load_encoder, usable_bfm
 from .teacher import FaceRegressor, load_teacher, make_regressor
 from .training import FitResult, Run, TrainConfig, fit, make_adam
 
@@ -394,7 +394,7 @@ def _teacher_arch(reg: FaceRegressor) -> dict:
 
 
 # ------------------------------------------------------------------------------------- the task
-class UnsupervisedTask(_VoiceTask):
+class UnsupervisedTask(VoiceTask):
     """GAN + distilled student (see the module docstring)."""
 
     predictor = "v2m_models.unsupervised:load_predictor"
