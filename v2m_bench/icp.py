@@ -1033,7 +1033,7 @@ def _exact_engine(name: str | None):
     """
     if name in (None, "auto", "numba"):
         try:
-            from . import _nnkernel  # numba, imported only when the compiled engine is used
+            import v2m_bench._nnkernel as _nnkernel  # numba, imported only when the compiled engine is used
         except ImportError:
             if name == "numba":
                 raise ValidationError("numba is not installed (pip install numba)", key="engine") from None
