@@ -218,7 +218,9 @@ def param_stats(params: np.ndarray) -> CoefficientStats:
 
 
 def reference_images(dataset):
-    """Test-split image of each reference (its ``source_image``).
+    """Test-split image of each reference: its ``source_image``, or for a reference made from
+    several images (an identity label: ``source_image`` lists them, ``;``-separated) the first of
+    them found in the test split.
 
     Returns
     -------
@@ -244,9 +246,12 @@ def reference_images(dataset):
     by_path = {str(p): i for i, p in enumerate(ts.images["path"])}
     by_id = {(str(n), str(k)): i for i, (n, k) in enumerate(zip(img_name, ts.images["image_id"]))}
     names, images, rows = [], [], []
-    for r, (name, src) in enumerate(zip(refs.identity, refs.source_image)):
-        src = str(src)
-        i = by_path.get(src, by_id.get((str(name), Path(src).stem)))
+    for r, (name, sources) in enumerate(zip(refs.identity, refs.source_image)):
+        i = None
+        for src in str(sources).split(";"):
+            i = by_path.get(src, by_id.get((str(name), Path(src).stem)))
+            if i is not None:
+                break
         if i is not None:
             names.append(str(name))
             images.append(i)
