@@ -482,7 +482,8 @@ class References(_MeshRows):
     shape, expression, vertices, units
         As in :class:`Predictions`.
     source_image : ndarray of str, shape (M,), or None
-        Provenance: the image id each reference was fitted to.
+        Provenance: the image each reference was fitted to, or the images an identity label was
+        made from, joined by ``;``.
     fit_residual : ndarray, float32, shape (M,), or None
         Provenance: the fit's residual (its unit is the file attribute ``fit_residual_units``).
     attrs : dict
