@@ -145,3 +145,20 @@ def test_engine_option_gives_the_same_scores(bfm, tmp_path):
     assert a.metrics["RMSE"].value > 0.05
     with pytest.raises(ValidationError, match="engine"):
         score(pred, refs, bfm, config=ScoreConfig(bootstrap=0, engine="gpu-magic"))
+
+
+def test_regions_of_other_names_are_one_clear_error(small_model, tmp_path):
+    """The six part RMSEs are reported by name: regions under other names are refused in one line
+    (they used to end in a KeyError deep in the scoring)."""
+    import pytest
+
+    from v2m_bench import score, write_predictions, write_references
+    from v2m_bench.errors import ValidationError
+
+    z40, z10 = np.zeros((1, 40)), np.zeros((1, 10))
+    write_references(tmp_path / "r.h5", ["Ann"], ["f"], shape=z40, expression=z10)
+    write_predictions(tmp_path / "p.h5", ["Ann"], ["u1"], shape=z40, expression=z10)
+    mask = np.zeros(small_model.n_vertices, bool)
+    mask[:50] = True
+    with pytest.raises(ValidationError, match="regions: expected the benchmark's six parts .* got forehead"):
+        score(tmp_path / "p.h5", tmp_path / "r.h5", small_model, regions={"forehead": mask})

@@ -510,8 +510,11 @@ def score(predictions, references, model=None, *, baseline=None, config: ScoreCo
     baseline : str, path-like or Predictions, optional
         A second predictions file to compare against (relative change and paired bootstrap p-value).
     config : ScoreConfig, optional
-    regions : mapping, optional
-        Part regions; the frozen BFM regions by default.
+    regions : mapping of str to bool ndarray (N,), optional
+        Part regions; the frozen BFM regions by default. The benchmark reports the six part
+        RMSEs by name, so the keys must be those six (``left_eye``, ``right_eye``, ``nose``,
+        ``mouth``, ``left_cheek``, ``right_cheek``); the masks may be your own. For parts of
+        other names call :func:`v2m_bench.metrics.part_rmse` on the meshes directly.
     vertex_errors : bool
         Also accumulate the per-vertex errors of the ICP registrations (``Report.vertex_errors``,
         for :func:`v2m_bench.report.write_report`): each mesh is still registered once.
@@ -538,10 +541,16 @@ def score(predictions, references, model=None, *, baseline=None, config: ScoreCo
     refs = references if hasattr(references, "to_vertices") else read_references(references)
     ref_fp = fingerprint(refs)
     _check_expected(ref_fp, config.expect_references, refs)
+    from .topology import REGION_NAMES
+
     if regions is None:
         from .topology import bfm_regions
 
         regions = bfm_regions(model)
+    elif sorted(regions) != sorted(REGION_NAMES):
+        raise ValidationError(f"expected the benchmark's six parts {', '.join(REGION_NAMES)}, got "
+                              f"{', '.join(map(str, regions)) or 'none'} (for other parts use metrics.part_rmse)",
+                              key="regions")
     preds = predictions if hasattr(predictions, "to_vertices") else read_predictions(predictions)
     _check_vertex_count(preds, model)
     _check_vertex_count(refs, model)
