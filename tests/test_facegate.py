@@ -28,6 +28,25 @@ def made_up_images(size: int = 160) -> dict:
     }
 
 
+def photo_and_made_up_images(shared_dir, root):
+    """``root/Some_One`` with the shared photo (image 00000001, its annotated box) and the made-up
+    images (00000002-00000004, a box in the middle); returns the annotation items."""
+    import shutil
+
+    import cv2
+
+    faces = shared_dir / "samples" / "faces"
+    d = root / "Some_One"
+    d.mkdir()
+    shutil.copy(faces / "takeo.ppm", d / "00000001.ppm")
+    box = tuple(float(v) for v in detector_box_from_landmarks(read_pts(faces / "takeo.pts"), 1.3))
+    items = [("Some_One/00000001.ppm", "00000001", 1, box, 3.0)]
+    for k, (name, img) in enumerate(made_up_images().items(), start=2):
+        cv2.imwrite(str(d / f"0000000{k}.png"), img)
+        items.append((f"Some_One/0000000{k}.png", f"0000000{k}", 1, (40.0, 40.0, 120.0, 120.0), 3.0))
+    return items
+
+
 def png_with_header_size(width: int, height: int) -> bytes:
     """A PNG whose IHDR claims width x height (valid CRC) but whose pixel data is a few bytes."""
     import cv2
@@ -150,13 +169,7 @@ def test_process_images_gates_faceless_images(shared_dir, dlib_detector, tmp_pat
 
     faces = shared_dir / "samples" / "faces"
     d = tmp_path / "Some_One"
-    d.mkdir()
-    shutil.copy(faces / "takeo.ppm", d / "00000001.ppm")
-    box = tuple(float(v) for v in detector_box_from_landmarks(read_pts(faces / "takeo.pts"), 1.3))
-    items = [("Some_One/00000001.ppm", "00000001", 1, box, 3.0)]
-    for k, (name, img) in enumerate(made_up_images().items(), start=2):
-        cv2.imwrite(str(d / f"0000000{k}.png"), img)
-        items.append((f"Some_One/0000000{k}.png", f"0000000{k}", 1, (40.0, 40.0, 120.0, 120.0), 3.0))
+    items = photo_and_made_up_images(shared_dir, tmp_path)
     cv2.imwrite(str(d / "00000005.png"), np.zeros((1, 1, 3), np.uint8))
     items.append(("Some_One/00000005.png", "00000005", 1, (0.0, 0.0, 1.0, 1.0), 3.0))
     shutil.copy(faces / "takeo.ppm", d / "00000006.ppm")

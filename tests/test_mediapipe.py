@@ -12,22 +12,13 @@ from v2m_data.identities import Identity
 from v2m_data.images import load_image, read_pts
 from v2m_data.landmarks import detector_box_from_landmarks, landmark_nme, make_detector
 from v2m_data.mediapipe_map import N_MEDIAPIPE, ibug_from_mediapipe, ibug_weights, load_map
+from test_facegate import made_up_images, photo_and_made_up_images
 
 SAMPLES = [("breakingbad", ".jpg"), ("takeo", ".ppm")]
 #: NME against the human annotations with boxes from detector_box_from_landmarks: measured
 #: 0.035 (takeo) and 0.086 (breakingbad, a turned face whose annotated jaw follows the
 #: silhouette while these points follow the 3-D keypoints).
 NME_BOUND = {"takeo": 0.05, "breakingbad": 0.11}
-
-
-def made_up_images(size: int = 160) -> dict:
-    rng = np.random.default_rng(0)
-    xx, _ = np.meshgrid(np.arange(size), np.arange(size))
-    return {
-        "gradient": np.repeat((xx * 255.0 / (size - 1))[..., None], 3, 2).astype(np.uint8),
-        "grey": np.full((size, size, 3), 128, np.uint8),
-        "noise": rng.integers(0, 256, (size, size, 3)).astype(np.uint8),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -129,21 +120,9 @@ def test_presence_logit_high_on_faces_low_on_made_up_images(mp, face_samples):
 
 @pytest.mark.shared
 def test_face_gate_refuses_made_up_images_for_this_backend(mp, shared_dir, tmp_path):
-    import shutil
-
-    import cv2
-
     from v2m_data.pipeline import IdentityFiles, process_images
 
-    faces = shared_dir / "samples" / "faces"
-    d = tmp_path / "Some_One"
-    d.mkdir()
-    shutil.copy(faces / "takeo.ppm", d / "00000001.ppm")
-    box = tuple(float(v) for v in detector_box_from_landmarks(read_pts(faces / "takeo.pts"), 1.3))
-    items = [("Some_One/00000001.ppm", "00000001", 1, box, 3.0)]
-    for k, (name, img) in enumerate(made_up_images().items(), start=2):
-        cv2.imwrite(str(d / f"0000000{k}.png"), img)
-        items.append((f"Some_One/0000000{k}.png", f"0000000{k}", 1, (40.0, 40.0, 120.0, 120.0), 3.0))
+    items = photo_and_made_up_images(shared_dir, tmp_path)
     ident = Identity("id1", "Some_One", "m", "train", "Some_One")
     recs, fails = process_images([(ident, IdentityFiles((), tuple(items), (), 0), 0)], tmp_path, mp, (64,), 1.3)
     assert [r["image_id"] for r in recs] == ["00000001"]
