@@ -8,7 +8,7 @@ Run from the repository root on a machine with a GPU (budget: about 8 minutes on
 Steps (each in its own ``try``: a failure, a timeout or a missing requirement is recorded in the
 JSON as ``status`` ``error`` / ``timeout`` / ``skipped`` with its reason, and the next step runs):
 
-1. ``gpu_tests``: ``pytest -m gpu tests/test_gpu.py`` in a subprocess (every trainer on CUDA in
+1. ``gpu_tests``: ``pytest -m gpu tests/models/test_gpu.py`` in a subprocess (every trainer on CUDA in
    bf16 and fp16 with the grad scaler, CPU/CUDA agreement, the device feature bank); counts of
    passed / failed / skipped and the tail of the output.
 2. ``supervised_throughput``: the supervised model at batch 128 with the paper's crops (3-8 s: 300,
@@ -147,7 +147,7 @@ def _find_bfm(bfm):
 # ------------------------------------------------------------------------------------- steps
 def step_gpu_tests(ctx) -> dict:
     """``pytest -m gpu`` in a subprocess."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rs", "tests/test_gpu.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rs", "tests/models/test_gpu.py"]
     env = dict(os.environ, MPLBACKEND="Agg")
     try:
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=ctx.time_left())

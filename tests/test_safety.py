@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from test_pipeline import config_for, files_of, make_test_world, quiet
+from tests.data.test_pipeline import config_for, files_of, make_test_world, quiet
 from v2m_bench.errors import ValidationError
 from v2m_data.pipeline import build, merge
 

@@ -104,7 +104,7 @@ raised. ``converged`` says the fitted model's 68 standard keypoints, projected, 
 ``tol`` x sqrt(w*h) (the landmarks' bounding box; default 2e-3, 0.4 px on a 200 px face) in the
 last iteration.
 
-Accuracy (tests/test_fitting.py)
+Accuracy (tests/data/test_fitting.py)
 --------------------------------
 Synthetic BFM faces (random shape/expression drawn from the BFM statistics, yaw +/-40, pitch and
 roll +/-20 degrees, ~200 px wide, 1 px Gaussian noise per coordinate), default settings: mean

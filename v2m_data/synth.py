@@ -67,7 +67,7 @@ standard deviation they have when ``shape ~ N(0, diag(shape_std^2))`` (first-ord
 How much a voice says about a face here: mostly gender (pitch and formants), which moves the face
 along the width direction by ``2 x gender_width_shift`` standard deviations between the sexes,
 and a little face width and length (within a gender, pitch correlates with ``z_width`` at about
-0.8). Measured (examples/synthetic_end_to_end.sh, tests/test_end_to_end.py): with the defaults
+0.8). Measured (examples/synthetic_end_to_end.sh, tests/cli/test_end_to_end.py): with the defaults
 and 240 identities (180 training), a small supervised model beats the mean face on ER by ~20 %
 (paired bootstrap interval above zero); with 32 training identities it did not (one world tried,
 interval across zero), so the CI-sized test uses ``gender_width_shift=1.5``.

@@ -12,7 +12,7 @@ The generator comes from a ``v2m-train unsupervised`` checkpoint (kind ``unsuper
 was trained alongside a student, which the gradient of the distillation never reaches, so the
 generator is the same kind of model) or from a GAN-only run (``v2m-train unsupervised --kd none``,
 kind ``gan``; with the same options and seed both train exactly the same generator, which
-tests/test_train_unsupervised.py checks). The teacher is a ``v2m-train teacher`` checkpoint or a state dict of the same
+tests/models/test_train_unsupervised.py checks). The teacher is a ``v2m-train teacher`` checkpoint or a state dict of the same
 architecture (:func:`v2m_models.teacher.load_teacher`).
 """
 

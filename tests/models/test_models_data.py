@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_small_model
+from tests.conftest import make_small_model
 from v2m_bench.errors import ValidationError
 from v2m_data.pipeline import BuildConfig, build
 from v2m_data.shards import open_dataset

@@ -1,7 +1,7 @@
 """The training loop (v2m_models.training) and the voice-encoder / supervised trainers.
 
 Tiny models (narrow encoders), tiny batches and a tiny synthetic world built with the small random
-model (tests/test_models_data.build_tiny), all on the CPU.
+model (tests/models/test_models_data.build_tiny), all on the CPU.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from test_models_data import build_tiny
+from tests.models.test_models_data import build_tiny
 from v2m_bench.errors import ValidationError
 from v2m_models.supervised import (
     SupervisedConfig,
@@ -346,7 +346,7 @@ def test_validation_metrics_need_the_bfm_topology(tmp_path, monkeypatch):
     """A model with 40 + 10 coefficients but another mesh (the small test model a build can be made
     with) cannot serve the metrics, which read fixed BFM vertex ids: none is used, and the log
     says why, for every trainer's validation."""
-    from conftest import make_small_model
+    from tests.conftest import make_small_model
     from v2m_models.supervised import usable_bfm
 
     monkeypatch.delenv("V2M_BFM_DIR", raising=False)
@@ -373,7 +373,7 @@ def test_validation_uses_the_bfm_when_it_is_there(bfm_dir):
 
 
 def test_the_mesh_loss_takes_any_40_plus_10_model(tmp_path, monkeypatch):
-    from conftest import make_small_model
+    from tests.conftest import make_small_model
     from v2m_models.supervised import usable_bfm
 
     monkeypatch.delenv("V2M_BFM_DIR", raising=False)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import make_small_model
+from tests.conftest import make_small_model
 from v2m_bench.errors import ValidationError
 from v2m_bench.render import project, render_mesh, view_rotation
 from v2m_bench.split import read_vox1_meta, split_of

@@ -21,7 +21,7 @@ from v2m_data.pipeline import BuildLockedError
 from v2m_data.vggface_fetch import FetchConfig, fetch_vggface, validate_image_bytes
 from v2m_cli.build import main as build_main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROXY_VARS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 
 
@@ -500,7 +500,7 @@ def test_the_build_takes_the_fetched_folder_as_it_is(server, tmp_path):
     """Serve a synthetic world's VGGFace images, fetch them, build from the fetched folder: same faces."""
     import shutil
 
-    from conftest import make_small_model
+    from tests.conftest import make_small_model
     from v2m_data.pipeline import BuildConfig, build
     from v2m_data.shards import open_dataset
     from v2m_data.synth import make_world

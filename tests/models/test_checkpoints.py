@@ -10,8 +10,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from test_predict import trained  # noqa: F401 - the module-scoped fixture
-from test_train_supervised import sup_config
+from tests.models.test_predict import trained  # noqa: F401 - the module-scoped fixture
+from tests.models.test_train_supervised import sup_config
 from v2m_bench.errors import ValidationError
 from v2m_models.predict import predict, resolve_predictor
 from v2m_models.supervised import train_supervised

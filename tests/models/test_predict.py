@@ -8,8 +8,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from test_models_data import build_tiny
-from test_train_supervised import enc_config, sup_config
+from tests.models.test_models_data import build_tiny
+from tests.models.test_train_supervised import enc_config, sup_config
 from v2m_bench.errors import ValidationError
 from v2m_bench.formats import read_predictions
 from v2m_data.shards import open_dataset

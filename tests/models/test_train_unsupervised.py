@@ -12,9 +12,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from test_models_data import build_tiny
-from test_train_supervised import enc_config, same, same_state, sup_config
-from test_train_teacher import teacher_config
+from tests.models.test_models_data import build_tiny
+from tests.models.test_train_supervised import enc_config, same, same_state, sup_config
+from tests.models.test_train_teacher import teacher_config
 from v2m_bench import ScoreConfig, score
 from v2m_bench.errors import ValidationError
 from v2m_bench.formats import read_predictions
@@ -355,7 +355,7 @@ def test_cli(pipeline, tmp_path):
 def test_ddp_gloo_two_ranks_train_one_model(pipeline, tmp_path):
     import torch.multiprocessing as mp
 
-    from test_train_supervised import _free_port
+    from tests.models.test_train_supervised import _free_port
 
     data, enc, teacher = pipeline
     mp.spawn(_ddp_rank, args=(2, _free_port(), str(data), str(enc), str(teacher), str(tmp_path)), nprocs=2, join=True)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from test_models_data import build_tiny
-from test_train_supervised import enc_config, sup_config
-from test_train_teacher import teacher_config
-from test_train_unsupervised import unsup_config
+from tests.models.test_models_data import build_tiny
+from tests.models.test_train_supervised import enc_config, sup_config
+from tests.models.test_train_teacher import teacher_config
+from tests.models.test_train_unsupervised import unsup_config
 from v2m_models.data import BatchPlanner, CropConfig, DeviceVoiceBatches, FaceBank, FeatureBank, VoiceBatches
 from v2m_models.supervised import train_supervised, train_voice_encoder
 from v2m_models.teacher import train_teacher

@@ -12,7 +12,7 @@ from v2m_data.identities import Identity
 from v2m_data.images import load_image, read_pts
 from v2m_data.landmarks import detector_box_from_landmarks, landmark_nme, make_detector
 from v2m_data.mediapipe_map import N_MEDIAPIPE, ibug_from_mediapipe, ibug_weights, load_map
-from test_facegate import made_up_images, photo_and_made_up_images
+from tests.data.test_facegate import made_up_images, photo_and_made_up_images
 
 SAMPLES = [("breakingbad", ".jpg"), ("takeo", ".ppm")]
 #: NME against the human annotations with boxes from detector_box_from_landmarks: measured

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_small_model
+from tests.conftest import make_small_model
 from v2m_data.pipeline import BuildConfig, BuildLock, BuildLockedError, build, merge, process_images, rotation_to_angles
 from v2m_data.shards import open_dataset
 from v2m_data.synth import make_world
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_test_world(root: Path, n: int = 6, seed: int = 0, faults: bool = True) -> dict:

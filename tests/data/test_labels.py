@@ -73,7 +73,7 @@ def test_ratios_of_shapes_match_the_full_mesh(bfm):
 # ------------------------------------------------------------------------------------ in a build
 @pytest.fixture(scope="module")
 def label_build(tmp_path_factory):
-    from test_pipeline import config_for, make_test_world, quiet
+    from tests.data.test_pipeline import config_for, make_test_world, quiet
     from v2m_data.pipeline import build
 
     root = tmp_path_factory.mktemp("lw") / "w"
@@ -117,7 +117,7 @@ def test_shards_hold_identity_labels_and_references_use_them(label_build):
 
 
 def test_manifest_quality_and_image_rule(label_build, tmp_path):
-    from test_pipeline import config_for, quiet
+    from tests.data.test_pipeline import config_for, quiet
     from v2m_bench.formats import read_references
     from v2m_data.pipeline import build
     from v2m_data.references import ReferenceRule
@@ -160,7 +160,7 @@ def test_identity_targets_from_labels(label_build):
 @pytest.fixture(scope="module")
 def bfm_world_build(bfm, bfm_dir, tmp_path_factory):
     """A real-BFM synthetic world (8 identities x 3 images) built with precomputed landmarks."""
-    from test_pipeline import quiet
+    from tests.data.test_pipeline import quiet
     from v2m_data.pipeline import BuildConfig, build
     from v2m_data.synth import make_world
 

@@ -209,7 +209,7 @@ def test_build_records_gate_failures_and_never_uses_them(tmp_path):
     failure with its reason, none is in the shards or the references."""
     import cv2
 
-    from test_pipeline import config_for, make_test_world, quiet
+    from tests.data.test_pipeline import config_for, make_test_world, quiet
     from v2m_data.pipeline import build
     from v2m_data.shards import open_dataset
 
@@ -276,7 +276,7 @@ def test_dlib_build_of_a_real_layout_world_refuses_the_faceless_image(bfm, bfm_d
     import cv2
     import json
 
-    from test_pipeline import quiet
+    from tests.data.test_pipeline import quiet
     from v2m_data.pipeline import BuildConfig, build
     from v2m_data.shards import open_dataset
     from v2m_data.synth import make_world
