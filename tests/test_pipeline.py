@@ -271,6 +271,35 @@ def test_dask_backend_gives_the_same_bytes_as_loky(world, reference_build, tmp_p
     assert files_of(loky) == files_of(reference_build[0])  # two loky workers == one in-process worker
 
 
+def test_the_stored_features_are_those_of_extract_features(world, reference_build):
+    """The build computes every utterance's features with the documented front end,
+    :func:`v2m_data.audio.extract_features`: same values, bit for bit (with BLAS on one thread, as
+    the build computes), and the same durations."""
+    import h5py
+
+    from v2m_data.audio import AudioConfig, extract_features
+    from v2m_data.threads import one_blas_thread
+
+    out, _ = reference_build
+    wav = world["root"] / "wav"
+    n = 0
+    for shard in sorted((out / "shards").glob("*.h5")):
+        with h5py.File(shard, "r") as f:
+            u = f["utterance"]
+            for k, rel in enumerate(u["path"].asstr()[:]):
+                o, m = int(u["offset"][k]), int(u["n_frames"][k])
+                with one_blas_thread():
+                    feats, info = extract_features(wav / rel, AudioConfig(), return_info=True)
+                    plain = extract_features(wav / rel)
+                assert feats.dtype == np.float32 and feats.shape == (64, m)
+                assert np.array_equal(u["features"][o:o + m], feats.T)
+                assert u["duration"][k] == np.float32(info.samples / info.sample_rate)
+                assert u["voiced_duration"][k] == np.float32(info.voiced_samples / info.sample_rate)
+                assert np.array_equal(plain, feats)  # asking for the info changes nothing
+                n += 1
+    assert n == 6 * 2  # every good utterance of the world (the faulty ones are failures)
+
+
 def test_blas_limit_holds_until_the_last_concurrent_shard_ends():
     """Why dask and loky builds could differ in bytes: shards built on two threads of one process.
 

@@ -1,7 +1,8 @@
 """The dataset build: VoxCeleb1 voices + VGGFace faces -> HDF5 shards, references.h5, manifest.json.
 
 ``v2m-build-dataset`` (:mod:`v2m_cli.build`) is a thin wrapper around :func:`build` and
-:func:`merge`.
+:func:`merge` (also ``v2m_data.build`` and ``v2m_data.merge``; the package is named ``building``
+so that ``v2m_data.build`` stays the function).
 
 Modules
 -------
@@ -38,10 +39,9 @@ Stages
    with ``files/<Name>.txt`` by image id for the face box and pose);
 3. shards: per shard (a group of ``identities_per_shard`` identities, sorted by VoxCeleb1 id):
    audio features of every utterance (load, VAD, log-mel, normalise:
-   :func:`v2m_data.audio.extract_features`), face
-   landmarks of every image through the detector interface (:mod:`v2m_data.landmarks`; the
-   VGGFace box is given when annotated), face crops, one batched 3DMM fit of all the shard's
-   images (:func:`v2m_data.fitting.fit_landmarks`), the identity labels
+   :func:`v2m_data.audio.extract_features`), face landmarks of every image through the detector
+   interface (:mod:`v2m_data.landmarks`; the VGGFace box is given when annotated), face crops, one
+   batched 3DMM fit of all the shard's images (:func:`v2m_data.fitting.fit_landmarks`), the identity labels
    (:func:`v2m_data.labels.identity_labels`), one atomic shard file; every image first passes the
    face gate (:mod:`v2m_data.facegate`);
 4. references: :func:`v2m_data.references.build_references` over the test shards;

@@ -16,7 +16,20 @@ from .fit_stage import rotation_to_angles
 __all__ = ["pack_shard"]
 
 
-def pack_shard(task, idents: list, files: list, notes: list, utt: list, f_audio: list, img: list, f_img: list, fr, n_shape: int, n_exp: int) -> ShardContent:
+def pack_shard(
+    task,
+    idents: list,
+    files: list,
+    *,
+    notes: list,
+    utterances: list,
+    audio_failures: list,
+    images: list,
+    image_failures: list,
+    fits,
+    n_shape: int,
+    n_exp: int,
+) -> ShardContent:
     """The content of one shard file from the records of its stages.
 
     Parameters
@@ -29,12 +42,12 @@ def pack_shard(task, idents: list, files: list, notes: list, utt: list, f_audio:
         Their input files.
     notes : list of dict
         Failures found while scanning.
-    utt, f_audio : list of dict
+    utterances, audio_failures : list of dict
         Records and failures of :func:`~v2m_data.building.audio_stage.process_utterances`.
-    img, f_img : list of dict
+    images, image_failures : list of dict
         Records and failures of :func:`~v2m_data.building.image_stage.process_images`.
-    fr : v2m_data.fitting.FitResult or None
-        The fits of ``img`` in order (None when there is no image).
+    fits : v2m_data.fitting.FitResult or None
+        The fits of ``images`` in order (None when there is no image).
     n_shape, n_exp : int
         Coefficients of the model (the widths of empty fit columns).
 
@@ -46,6 +59,7 @@ def pack_shard(task, idents: list, files: list, notes: list, utt: list, f_audio:
         stage ``"fit"``; an identity without a usable utterance or image fit one of stage
         ``"identity"``.
     """
+    utt, f_audio, img, f_img, fr = utterances, audio_failures, images, image_failures, fits
     failures: list = list(notes)
     f_fit = []
     keep = []
@@ -68,7 +82,7 @@ def pack_shard(task, idents: list, files: list, notes: list, utt: list, f_audio:
     frames = np.array([u["features"].shape[0] for u in utt], np.int64)
     offsets = np.concatenate([[0], np.cumsum(frames)[:-1]]).astype(np.int64) if len(frames) else np.zeros(0, np.int64)
     feats = np.concatenate([u["features"] for u in utt]) if utt else np.zeros((0, n_mels), np.float32)
-    utterances = {
+    utterance_columns = {
         "identity": np.array([u["row"] for u in utt], np.int32),
         "path": np.array([u["path"] for u in utt], dtype=object),
         "duration": np.array([u["duration"] for u in utt], np.float32),
@@ -81,7 +95,7 @@ def pack_shard(task, idents: list, files: list, notes: list, utt: list, f_audio:
     ki = np.array(keep, np.int64)
     dims = 3 if any(r["landmarks"].shape[1] == 3 for r in img) else 2
     nan4 = (np.nan,) * 4
-    images = {
+    image_columns = {
         "identity": np.array([r["row"] for r in kr], np.int32),
         "image_id": np.array([r["image_id"] for r in kr], dtype=object),
         "path": np.array([r["path"] for r in kr], dtype=object),
@@ -91,11 +105,11 @@ def pack_shard(task, idents: list, files: list, notes: list, utt: list, f_audio:
         "crop_box": np.array([r["crop_box"] for r in kr], np.float32).reshape(-1, 4),
     }
     if dims == 3:
-        images["landmarks_depth"] = np.array(
+        image_columns["landmarks_depth"] = np.array(
             [r["landmarks"][:, 2] if r["landmarks"].shape[1] == 3 else np.full(68, np.nan, np.float32) for r in kr], np.float32
         ).reshape(-1, 68)
     for s in task.crop_sizes:
-        images[f"crop{int(s)}"] = np.array([r["crops"][int(s)] for r in kr], np.uint8).reshape(-1, int(s), int(s), 3)
+        image_columns[f"crop{int(s)}"] = np.array([r["crops"][int(s)] for r in kr], np.uint8).reshape(-1, int(s), int(s), 3)
     if fr is not None and len(ki):
         fit = {
             "shape": fr.shape[ki].astype(np.float32),
@@ -147,8 +161,8 @@ def pack_shard(task, idents: list, files: list, notes: list, utt: list, f_audio:
         index=task.index,
         fingerprint=task.fingerprint,
         identities=[{k: i.to_dict()[k] for k in ("vox_id", "name", "gender", "key")} for i in idents],
-        utterances=utterances,
-        images=images,
+        utterances=utterance_columns,
+        images=image_columns,
         fit=fit,
         report=report,
         n_mels=n_mels,

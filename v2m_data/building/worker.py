@@ -126,7 +126,10 @@ def build_shard(task: ShardTask) -> dict:
             fr = None
         timings["fit"] = time.perf_counter() - t
     t = time.perf_counter()
-    content = pack_shard(task, idents, files, notes, utt, f_audio, img, f_img, fr, n_shape, n_exp)
+    content = pack_shard(
+        task, idents, files, notes=notes, utterances=utt, audio_failures=f_audio, images=img, image_failures=f_img,
+        fits=fr, n_shape=n_shape, n_exp=n_exp,
+    )
     write_shard(task.out_path, content)
     timings["write"] = time.perf_counter() - t
     counts = content.report["counts"]
