@@ -1,4 +1,4 @@
-"""Per-stage throughput of the dataset build (v2m_data.pipeline) and a projection of the full build.
+"""Per-stage throughput of the dataset build (v2m_data.building) and a projection of the full build.
 
     python benchmarks/bench_build.py [--identities 4] [--images 10] [--utterances 8] [--seconds 8.2]
                                      [--image-size 256] [--fit-faces 4000] [--fan] [--json out.json]
@@ -58,15 +58,15 @@ def _model():
 
     if os.environ.get("V2M_BFM_DIR"):
         return load_bfm(), "BFM ($V2M_BFM_DIR)"
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import make_small_model
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.conftest import make_small_model
 
     return make_small_model(0), "small random test model (set V2M_BFM_DIR for the BFM)"
 
 
 def _ident_files(root: Path):
     from v2m_data.identities import find_vggface_dirs, select_identities, vggface_names
-    from v2m_data.pipeline import scan_identity
+    from v2m_data.building import scan_identity
 
     images, ann = find_vggface_dirs(root / "vggface")
     table = select_identities(root / "vox1_meta.csv", vggface_names(ann, images))
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     from v2m_data.audio import AudioConfig
     from v2m_data.fitting import FitConfig, KeypointSystem
     from v2m_data.landmarks import make_detector
-    from v2m_data.pipeline import BuildConfig, build, fit_images, process_images, process_utterances
+    from v2m_data.building import BuildConfig, build, fit_images, process_images, process_utterances
     from v2m_data.synth import make_world
 
     info = machine(threads=1)
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         n_img = sum(len(f.images) for _, f, _ in ifs)
 
         # audio (after a warm-up utterance: imports, filterbank)
-        from v2m_data.pipeline import IdentityFiles
+        from v2m_data.building import IdentityFiles
 
         i0, f0, r0 = ifs[0]
         process_utterances([(i0, IdentityFiles(f0.utterances[:1], (), (), 0), r0)], root / "wav", AudioConfig())
@@ -202,7 +202,7 @@ def _fan_cpu(ifs, images_root, tmp: Path, n: int) -> dict:
     except ImportError as e:
         return {"error": f"face-alignment not installed ({e})"}
     from v2m_data.landmarks import FAN_WEIGHT_FILES, make_detector
-    from v2m_data.pipeline import IdentityFiles, process_images
+    from v2m_data.building import IdentityFiles, process_images
 
     torch.set_num_threads(1)
     home = tmp / "torch"

@@ -82,7 +82,7 @@ def noisy_copy(world: Path, dst: Path, fraction: float, seed: int) -> Path:
 
 
 def run_build(world: Path, out: Path, detector: str, **kw) -> Path:
-    from v2m_data.pipeline import BuildConfig, build
+    from v2m_data.building import BuildConfig, build
 
     if (out / "manifest.json").is_file():
         return out

@@ -95,7 +95,7 @@ def main(ctx, voxceleb, vggface, vox_meta, vggface_annotations, out, bfm, detect
     if missing:
         raise UserError(f"missing {', '.join(missing)} (or use a subcommand: merge, synth; see --help)")
     from v2m_data.facegate import FaceGateConfig
-    from v2m_data.pipeline import BuildConfig, build
+    from v2m_data.building import BuildConfig, build
     from v2m_data.references import ReferenceRule
 
     config = BuildConfig(
@@ -131,7 +131,7 @@ def main(ctx, voxceleb, vggface, vox_meta, vggface_annotations, out, bfm, detect
 def merge(out, progress):
     """Finish a shard-array build in --out: check that every job and shard is there, then write
     references.h5 and manifest.json."""
-    from v2m_data.pipeline import merge as do_merge
+    from v2m_data.building import merge as do_merge
 
     result = do_merge(out, log=lambda s: click.echo(s, err=True), progress=progress_enabled(progress))
     click.echo(result.summary())

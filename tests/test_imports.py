@@ -61,10 +61,10 @@ def test_the_data_and_model_packages_name_their_entry_points():
 
     code = (
         "import sys, v2m_data\n"
-        "assert 'v2m_data.pipeline' not in sys.modules  # loaded on first use\n"
+        "assert 'v2m_data.building' not in sys.modules  # loaded on first use\n"
         "import v2m_models\n"
         "from v2m_data import build, open_dataset, make_world\n"
-        "from v2m_data.pipeline import build as b\n"
+        "from v2m_data.building import build as b\n"
         "assert build is b\n"
         "from v2m_models import train_supervised, predict\n"
         "import v2m_models.supervised as s\n"

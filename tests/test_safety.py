@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from tests.data.test_pipeline import config_for, files_of, make_test_world, quiet
 from v2m_bench.errors import ValidationError
-from v2m_data.pipeline import build, merge
+from v2m_data.building import build, merge
 
 
 @pytest.fixture(scope="module")

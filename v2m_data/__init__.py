@@ -4,7 +4,7 @@ The build (``v2m-build-dataset``) pairs VoxCeleb1 voices with VGGFace images by 
 identities A–E / F–Z, extracts the voice features, finds 68 landmarks per image, fits the BFM to
 them, writes HDF5 shards, one reference per test identity and a manifest. Its parts:
 
-- :func:`build`, :func:`merge`, :class:`BuildConfig` (:mod:`v2m_data.pipeline`): the resumable,
+- :func:`build`, :func:`merge`, :class:`BuildConfig` (:mod:`v2m_data.building`): the resumable,
   parallel build and the merge of array jobs;
 - :func:`open_dataset` (:mod:`v2m_data.shards`): read a finished build;
 - :func:`make_world`, :class:`SynthConfig` (:mod:`v2m_data.synth`): a synthetic world in the real
@@ -20,10 +20,10 @@ from __future__ import annotations
 import importlib
 
 _PUBLIC = {
-    "BuildConfig": "pipeline",
-    "BuildResult": "pipeline",
-    "build": "pipeline",
-    "merge": "pipeline",
+    "BuildConfig": "building",
+    "BuildResult": "building",
+    "build": "building",
+    "merge": "building",
     "open_dataset": "shards",
     "BuildDataset": "shards",
     "make_world": "synth",

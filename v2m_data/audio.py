@@ -52,7 +52,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -68,6 +68,7 @@ __all__ = [
     "log_mel",
     "normalise",
     "extract_features",
+    "FeatureInfo",
 ]
 
 #: Sample rates the webrtc VAD accepts.
@@ -692,8 +693,34 @@ def normalise(feats: Any, frame_lengths: Any = None, eps: float = float(np.finfo
     return out[0] if single else out
 
 
-def extract_features(path: str | os.PathLike, config: AudioConfig | None = None) -> np.ndarray:
+class FeatureInfo(NamedTuple):
+    """What :func:`extract_features` also reports with ``return_info=True``.
+
+    Attributes
+    ----------
+    sample_rate : int
+        Rate of the decoded waveform in Hz (``config.sample_rate``, or the file's own when None).
+    samples : int
+        Samples of the decoded waveform (``samples / sample_rate``: the duration in seconds).
+    voiced_samples : int
+        Samples left after the VAD (all of them with ``vad_mode=None``).
+    """
+
+    sample_rate: int
+    samples: int
+    voiced_samples: int
+
+
+def extract_features(
+    path: str | os.PathLike,
+    config: AudioConfig | None = None,
+    *,
+    filterbank: Any = None,
+    return_info: bool = False,
+) -> np.ndarray | tuple[np.ndarray, FeatureInfo]:
     """Load -> VAD -> log-mel -> normalise one file (Wen et al. features).
+
+    The dataset build computes every utterance's features with this function.
 
     Parameters
     ----------
@@ -701,11 +728,18 @@ def extract_features(path: str | os.PathLike, config: AudioConfig | None = None)
         Audio file (any format :func:`load_audio` decodes).
     config : AudioConfig, optional
         Front-end parameters; ``vad_mode=None`` skips the VAD.
+    filterbank : array, shape (n_mels, n_fft // 2 + 1), optional
+        Precomputed :func:`mel_filterbank` ``(config)`` (saves rebuilding it for every file; the
+        features do not depend on it being given).
+    return_info : bool, default False
+        Also return the sample counts (:class:`FeatureInfo`).
 
     Returns
     -------
     numpy.ndarray, float32, shape (n_mels, F)
         Normalised log-mel features, ``F = n_frames(len(voiced audio))`` (100 frames per second).
+    FeatureInfo
+        Only with ``return_info=True``: ``(features, info)``.
 
     Raises
     ------
@@ -714,6 +748,7 @@ def extract_features(path: str | os.PathLike, config: AudioConfig | None = None)
     """
     c = config or AudioConfig()
     wave, sr = load_audio(path, c.sample_rate)
+    samples = wave.shape[0]
     if c.vad_mode is not None:
         wave = vad_trim(
             wave,
@@ -724,5 +759,8 @@ def extract_features(path: str | os.PathLike, config: AudioConfig | None = None)
             on_no_speech=c.vad_on_no_speech,
             path=path,
         )
-    feats, fl = log_mel(wave, None, c)
-    return normalise(feats, fl, c.norm_eps)
+    feats, fl = log_mel(wave, None, c, filterbank=filterbank)
+    feats = normalise(feats, fl, c.norm_eps)
+    if return_info:
+        return feats, FeatureInfo(int(sr), int(samples), int(wave.shape[0]))
+    return feats

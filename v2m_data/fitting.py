@@ -140,6 +140,8 @@ from v2m_bench.bfm import MorphableModel
 from v2m_bench.errors import ValidationError
 from v2m_bench.fileio import progress as progress_bar
 
+from .threads import one_blas_thread
+
 __all__ = [
     "FitConfig",
     "FitResult",
@@ -198,7 +200,8 @@ class FitConfig:
         Threads working on chunks at once (the linear algebra releases the GIL); None: the CPUs
         this process may use. Results do not depend on it.
     single_thread_blas : bool, default True
-        While fitting, limit BLAS to one thread (needs ``threadpoolctl``; the process-wide limit is
+        While fitting, limit BLAS to one thread (:func:`v2m_data.threads.one_blas_thread`; needs
+        ``threadpoolctl``, nothing is limited without it; the process-wide limit is
         restored afterwards). The matrix products here are small; threaded BLAS only spins
         against the chunk threads (it doubled the CPU time in benchmarks/bench_fit.py).
     """
@@ -610,7 +613,9 @@ def fit_landmarks(landmarks, bfm, config: FitConfig = FitConfig(), *, progress: 
 
     threads = config.n_threads or _available_cpus()
     threads = max(1, min(threads, len(chunks)))
-    limiter = _blas_single_thread() if config.single_thread_blas and chunks else None
+    limiter = one_blas_thread(required=False) if config.single_thread_blas and chunks else None
+    if limiter is not None:
+        limiter.__enter__()
     pool = None
     try:
         if threads == 1:
@@ -633,7 +638,7 @@ def fit_landmarks(landmarks, bfm, config: FitConfig = FitConfig(), *, progress: 
         if pool is not None:
             pool.shutdown(cancel_futures=True)
         if limiter is not None:
-            limiter.restore_original_limits()
+            limiter.__exit__(None, None, None)
 
     with np.errstate(invalid="ignore", divide="ignore"):
         rn = residual / box
@@ -674,15 +679,6 @@ def fit_landmarks(landmarks, bfm, config: FitConfig = FitConfig(), *, progress: 
         keypoint_vertices=vertices,
         n_iter=config.iterations_for(system.contour),
     )
-
-
-def _blas_single_thread():
-    """Limit BLAS to one thread while fitting (threadpoolctl, when installed), else None."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - optional
-        return None
-    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _available_cpus() -> int:

@@ -1,6 +1,6 @@
 """HDF5 shards of the built dataset, and a torch-free reader over a build folder.
 
-A build folder ``OUT/`` (see :mod:`v2m_data.pipeline`) holds ``shards/<split>-<nnnnn>.h5``, one per
+A build folder ``OUT/`` (see :mod:`v2m_data.building`) holds ``shards/<split>-<nnnnn>.h5``, one per
 group of identities, ``references.h5`` and ``manifest.json``. This module writes one shard
 (:func:`write_shard`, atomic, byte-reproducible) and reads a whole folder (:func:`open_dataset`).
 

@@ -45,7 +45,7 @@ image, too small or large, box outside, placeholder, bad redirect or URL); it re
 failures (timeouts, connection errors, 408/429/5xx, truncated bodies). An image found at its path
 without a record (a run killed between the write and the journal line, or a file you put there)
 is validated from disk and kept, never fetched again or overwritten. A second fetch on the same
-OUT while one runs is refused (:class:`v2m_data.pipeline.BuildLockedError`).
+OUT while one runs is refused (:class:`v2m_data.building.BuildLockedError`).
 """
 
 from __future__ import annotations
@@ -771,10 +771,10 @@ def fetch_vggface(config: FetchConfig, *, log: Callable[[str], None] | None = No
     ValidationError
         Missing or unreadable annotation folder, file or metadata; a symbolic link or a foreign
         file in the way; a different annotation file already in ``OUT/files``.
-    v2m_data.pipeline.BuildLockedError
+    v2m_data.building.BuildLockedError
         Another fetch (or build) holds ``OUT/.lock``.
     """
-    from .pipeline import BuildLock
+    from .building import BuildLock
 
     log = log or (lambda s: None)
     ann = Path(config.annotations)

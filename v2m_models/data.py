@@ -1,6 +1,6 @@
 """Training data over a built dataset folder: voice crops, identity labels, faces and 3DMM targets.
 
-A build folder (``v2m-build-dataset``, :mod:`v2m_data.pipeline`) is opened with
+A build folder (``v2m-build-dataset``, :mod:`v2m_data.building`) is opened with
 :func:`v2m_data.shards.open_dataset`; this module turns one of its splits into training batches.
 
 Design

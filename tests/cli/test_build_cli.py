@@ -123,7 +123,7 @@ def test_module_entry_point_and_lock_message(world, tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen(
         [sys.executable, "-c", (
-            "import time; from v2m_data.pipeline import BuildLock; "
+            "import time; from v2m_data.building import BuildLock; "
             f"BuildLock({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(60)"
         )],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,

@@ -2,7 +2,7 @@
 
 A CI-sized version of examples/synthetic_end_to_end.sh. A world of
 ``N_IDENTITIES`` made-up people on the real BFM (v2m_data.synth) is built with the precomputed
-landmarks (v2m_data.pipeline); a tiny supervised model (v2m_models.supervised) is trained from
+landmarks (v2m_data.building); a tiny supervised model (v2m_models.supervised) is trained from
 scratch on its F-Z identities, predicts the A-E identities' faces from their voices
 (v2m_models.predict, three utterances per identity as the benchmark), and v2m_bench.scoring scores
 them against the build's references beside the mean face.
@@ -64,7 +64,7 @@ N_BOOT = 2000
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, bfm, bfm_dir):
     """The built synthetic world: (root, build folder, truth.h5)."""
-    from v2m_data.pipeline import BuildConfig, build
+    from v2m_data.building import BuildConfig, build
     from v2m_data.synth import make_world
 
     root = tmp_path_factory.mktemp("e2e")

@@ -13,7 +13,7 @@ from v2m_data.facegate import FaceGateConfig, box_iou, check_box, check_crop, ch
 from v2m_data.identities import Identity
 from v2m_data.images import ImageTooLargeError, decode_image, image_size_from_header, read_pts, read_vggface_annotations
 from v2m_data.landmarks import detector_box_from_landmarks
-from v2m_data.pipeline import IdentityFiles, process_images
+from v2m_data.building import IdentityFiles, process_images
 
 GATE = FaceGateConfig()
 
@@ -210,7 +210,7 @@ def test_build_records_gate_failures_and_never_uses_them(tmp_path):
     import cv2
 
     from tests.data.test_pipeline import config_for, make_test_world, quiet
-    from v2m_data.pipeline import build
+    from v2m_data.building import build
     from v2m_data.shards import open_dataset
 
     root = tmp_path / "w"
@@ -277,7 +277,7 @@ def test_dlib_build_of_a_real_layout_world_refuses_the_faceless_image(bfm, bfm_d
     import json
 
     from tests.data.test_pipeline import quiet
-    from v2m_data.pipeline import BuildConfig, build
+    from v2m_data.building import BuildConfig, build
     from v2m_data.shards import open_dataset
     from v2m_data.synth import make_world
 

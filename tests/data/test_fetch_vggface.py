@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from v2m_bench.errors import ValidationError
-from v2m_data.pipeline import BuildLockedError
+from v2m_data.building import BuildLockedError
 from v2m_data.vggface_fetch import FetchConfig, fetch_vggface, validate_image_bytes
 from v2m_cli.build import main as build_main
 
@@ -501,7 +501,7 @@ def test_the_build_takes_the_fetched_folder_as_it_is(server, tmp_path):
     import shutil
 
     from tests.conftest import make_small_model
-    from v2m_data.pipeline import BuildConfig, build
+    from v2m_data.building import BuildConfig, build
     from v2m_data.shards import open_dataset
     from v2m_data.synth import make_world
 

@@ -74,7 +74,7 @@ def test_ratios_of_shapes_match_the_full_mesh(bfm):
 @pytest.fixture(scope="module")
 def label_build(tmp_path_factory):
     from tests.data.test_pipeline import config_for, make_test_world, quiet
-    from v2m_data.pipeline import build
+    from v2m_data.building import build
 
     root = tmp_path_factory.mktemp("lw") / "w"
     info = make_test_world(root, n=8, faults=False)
@@ -119,7 +119,7 @@ def test_shards_hold_identity_labels_and_references_use_them(label_build):
 def test_manifest_quality_and_image_rule(label_build, tmp_path):
     from tests.data.test_pipeline import config_for, quiet
     from v2m_bench.formats import read_references
-    from v2m_data.pipeline import build
+    from v2m_data.building import build
     from v2m_data.references import ReferenceRule
     from v2m_data.shards import open_dataset
 
@@ -161,7 +161,7 @@ def test_identity_targets_from_labels(label_build):
 def bfm_world_build(bfm, bfm_dir, tmp_path_factory):
     """A real-BFM synthetic world (8 identities x 3 images) built with precomputed landmarks."""
     from tests.data.test_pipeline import quiet
-    from v2m_data.pipeline import BuildConfig, build
+    from v2m_data.building import BuildConfig, build
     from v2m_data.synth import make_world
 
     root = tmp_path_factory.mktemp("bw") / "w"

@@ -120,7 +120,7 @@ def test_presence_logit_high_on_faces_low_on_made_up_images(mp, face_samples):
 
 @pytest.mark.shared
 def test_face_gate_refuses_made_up_images_for_this_backend(mp, shared_dir, tmp_path):
-    from v2m_data.pipeline import IdentityFiles, process_images
+    from v2m_data.building import IdentityFiles, process_images
 
     items = photo_and_made_up_images(shared_dir, tmp_path)
     ident = Identity("id1", "Some_One", "m", "train", "Some_One")

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import make_small_model
-from v2m_data.pipeline import BuildConfig, BuildLock, BuildLockedError, build, merge, process_images, rotation_to_angles
+from v2m_data.building import BuildConfig, BuildLock, BuildLockedError, build, merge, process_images, rotation_to_angles
 from v2m_data.shards import open_dataset
 from v2m_data.synth import make_world
 
@@ -212,7 +212,7 @@ def test_second_build_is_refused_while_one_runs(world, tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen(
         [sys.executable, "-c", (
-            "import sys, time; from v2m_data.pipeline import BuildLock; "
+            "import sys, time; from v2m_data.building import BuildLock; "
             f"BuildLock({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(60)"
         )],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
@@ -271,6 +271,35 @@ def test_dask_backend_gives_the_same_bytes_as_loky(world, reference_build, tmp_p
     assert files_of(loky) == files_of(reference_build[0])  # two loky workers == one in-process worker
 
 
+def test_the_stored_features_are_those_of_extract_features(world, reference_build):
+    """The build computes every utterance's features with the documented front end,
+    :func:`v2m_data.audio.extract_features`: same values, bit for bit (with BLAS on one thread, as
+    the build computes), and the same durations."""
+    import h5py
+
+    from v2m_data.audio import AudioConfig, extract_features
+    from v2m_data.threads import one_blas_thread
+
+    out, _ = reference_build
+    wav = world["root"] / "wav"
+    n = 0
+    for shard in sorted((out / "shards").glob("*.h5")):
+        with h5py.File(shard, "r") as f:
+            u = f["utterance"]
+            for k, rel in enumerate(u["path"].asstr()[:]):
+                o, m = int(u["offset"][k]), int(u["n_frames"][k])
+                with one_blas_thread():
+                    feats, info = extract_features(wav / rel, AudioConfig(), return_info=True)
+                    plain = extract_features(wav / rel)
+                assert feats.dtype == np.float32 and feats.shape == (64, m)
+                assert np.array_equal(u["features"][o:o + m], feats.T)
+                assert u["duration"][k] == np.float32(info.samples / info.sample_rate)
+                assert u["voiced_duration"][k] == np.float32(info.voiced_samples / info.sample_rate)
+                assert np.array_equal(plain, feats)  # asking for the info changes nothing
+                n += 1
+    assert n == 6 * 2  # every good utterance of the world (the faulty ones are failures)
+
+
 def test_blas_limit_holds_until_the_last_concurrent_shard_ends():
     """Why dask and loky builds could differ in bytes: shards built on two threads of one process.
 
@@ -281,20 +310,20 @@ def test_blas_limit_holds_until_the_last_concurrent_shard_ends():
     import threading
 
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    from v2m_data.pipeline import _limit_threads
+    from v2m_data.threads import one_blas_thread
 
     seen = []
     a_in, a_out, b_in, b_checked = (threading.Event() for _ in range(4))
 
     def shard_a():
-        with _limit_threads():
+        with one_blas_thread():
             a_in.set()
             assert b_in.wait(10)
         a_out.set()
 
     def shard_b():
         assert a_in.wait(10)
-        with _limit_threads():
+        with one_blas_thread():
             b_in.set()
             assert a_out.wait(10)
             seen.append(blas_threads())  # shard a has ended; shard b still computes
@@ -317,14 +346,14 @@ def test_shards_ending_at_different_times_on_threads_give_the_same_bytes(world, 
     the first shard has ended (forced), with the process's BLAS on two threads outside shards."""
     import threading
 
-    import v2m_data.pipeline as pipeline
+    import v2m_data.building.worker as worker
 
     distributed = pytest.importorskip("distributed")
     threadpoolctl = pytest.importorskip("threadpoolctl")
     ended = threading.Event()
     started = []
     lock = threading.Lock()
-    real_audio, real_write = pipeline.process_utterances, pipeline.write_shard
+    real_audio, real_write = worker.process_utterances, worker.write_shard
 
     def audio(*a, **kw):
         with lock:
@@ -338,8 +367,8 @@ def test_shards_ending_at_different_times_on_threads_give_the_same_bytes(world, 
         real_write(*a, **kw)
         ended.set()
 
-    monkeypatch.setattr(pipeline, "process_utterances", audio)
-    monkeypatch.setattr(pipeline, "write_shard", write)
+    monkeypatch.setattr(worker, "process_utterances", audio)
+    monkeypatch.setattr(worker, "write_shard", write)
     with threadpoolctl.threadpool_limits(limits=2, user_api="blas"), threaded_cluster(distributed) as cluster:
         out = tmp_path / "dask"
         build(config_for(world, out, backend="dask", scheduler=cluster.scheduler_address), log=quiet)
@@ -386,7 +415,7 @@ def test_dlib_no_face_is_a_reason_not_an_error(tmp_path):
     pytest.importorskip("dlib")
     from v2m_data.identities import Identity
     from v2m_data.landmarks import make_detector
-    from v2m_data.pipeline import IdentityFiles
+    from v2m_data.building import IdentityFiles
 
     try:
         det = make_detector("dlib")

@@ -14,7 +14,7 @@ import torch
 
 from tests.conftest import make_small_model
 from v2m_bench.errors import ValidationError
-from v2m_data.pipeline import BuildConfig, build
+from v2m_data.building import BuildConfig, build
 from v2m_data.shards import open_dataset
 from v2m_data.synth import make_world
 from v2m_models.data import (
