@@ -1,22 +1,12 @@
-"""Compiled exact nearest-vertex search for the ICP metrics (numba; imported lazily by icp.py).
+"""Compiled ICP pipeline of the metrics (numba): normals, centring, the correspondence fit's sums,
+the ICP iterations and the exhaustive scores, prediction after prediction.
 
-numba is already installed with the project (librosa needs it), but ``v2m_bench`` must import with
-numpy, scipy and h5py alone: :mod:`v2m_bench.icp` imports this module inside a function and falls
-back to scipy k-d trees when it is missing. Both searches are exhaustive, so the choice changes
-the time, not the result (see :func:`nearest_exact`).
-
-The search, per query point ``x`` with a start vertex ``c``:
-
-1. **Walk** (upper bound). From ``c``, move to the closest candidate of the current vertex in the
-   topology's candidate graph while one is strictly closer (the walk of :mod:`v2m_bench.icp`).
-   The end vertex's distance ``r`` bounds the nearest distance from above.
-2. **Exhaustive check** (exactness). Every reference vertex in the uniform-grid cells that meet
-   the box ``[x - r, x + r]`` is measured; the closest wins (lowest vertex id on an exact tie).
-   The ball of radius ``r`` around ``x`` lies in that box, so no closer vertex is missed, however
-   far the walk stopped from the true answer (folded lips and eyelids included).
-
-Distances are computed in float64 from the float32 coordinates, as scipy's k-d tree does from
-the same values, so both searches agree except on exact ties.
+The only module of the package that the engine choice imports (:func:`.search.exact_engine`, a
+visible lazy import), so ``import v2m_bench.metrics`` needs numpy, scipy and h5py alone. The
+searches themselves are in :mod:`.grid_kernels` (:func:`build_grids` and :func:`nearest_exact`
+are re-exported here). Argument groups: ``refs = (q, nrm, nbr)`` (centred float32 reference
+vertices (G, n, 3), their normals, the walk graph (n, K)); ``grid`` the tuple of
+:func:`build_grids`; ``pose = (r, s, t)``.
 """
 
 from __future__ import annotations
@@ -24,291 +14,22 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .grid_kernels import (
+    build_grids,
+    column_range,
+    first_at_depth,
+    nearest_exact,
+    search_ball,
+    search_point,
+    walk_bound,
+    walk_one,
+)
+
 __all__ = ["build_grids", "center_references", "nearest_exact", "normals32", "cross_covariance", "icp_iterate", "score_exact"]
 
 
-@njit(nogil=True, cache=True)
-def _column_sort(key, depth, ncols):  # pragma: no cover - compiled
-    """Counting sort of vertex ids by column, then a stable sort by depth within each column
-    (insertion sort, or merge sort for columns of more than 32 vertices), so ties keep id order.
-    Same order as ``np.lexsort((ids, depth, key))``."""
-    n = key.shape[0]
-    starts = np.zeros(ncols + 1, np.int32)
-    for v in range(n):
-        starts[key[v] + 1] += 1
-    for c in range(ncols):
-        starts[c + 1] += starts[c]
-    fill = starts[:-1].copy()
-    items = np.empty(n, np.int32)
-    for v in range(n):  # ascending ids: a column's run starts in id order
-        items[fill[key[v]]] = v
-        fill[key[v]] += 1
-    for c in range(ncols):
-        s0 = starts[c]
-        s1 = starts[c + 1]
-        if s1 - s0 > 32:  # a long column (a steep part of the surface): a stable merge sort
-            run = items[s0:s1].copy()
-            items[s0:s1] = run[np.argsort(depth[run], kind="mergesort")]
-            continue
-        for a in range(s0 + 1, s1):
-            v = items[a]
-            z = depth[v]
-            b = a - 1
-            while b >= s0 and depth[items[b]] > z:  # strict: equal depths keep id order
-                items[b + 1] = items[b]
-                b -= 1
-            items[b + 1] = v
-    return starts, items
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _column_range(lo0, hi0, lo1, hi1, g, origin, dims, cell):  # pragma: no cover - compiled
-    """Index ranges (i0, i1, j0, j1) of the columns of grid ``g`` that meet [lo0, hi0] x [lo1, hi1]."""
-    h = cell[g]
-    i0 = max(int(np.floor((lo0 - origin[g, 0]) / h)), 0)
-    i1 = min(int(np.floor((hi0 - origin[g, 0]) / h)), dims[g, 0] - 1)
-    j0 = max(int(np.floor((lo1 - origin[g, 1]) / h)), 0)
-    j1 = min(int(np.floor((hi1 - origin[g, 1]) / h)), dims[g, 1] - 1)
-    return i0, i1, j0, j1
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _column_box(x0, x1, r, g, origin, dims, cell):  # pragma: no cover - compiled
-    """Index ranges (lo0, hi0, lo1, hi1) of the columns of grid ``g`` that meet [x - r, x + r]."""
-    return _column_range(x0 - r, x0 + r, x1 - r, x1 + r, g, origin, dims, cell)
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _gap(x, lo, h):  # pragma: no cover - compiled
-    """Distance from ``x`` to the interval [lo, lo + h] (0 inside)."""
-    e = lo - x
-    if x - (lo + h) > e:
-        e = x - (lo + h)
-    return e if e > 0.0 else 0.0
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _first_at_depth(coords, g, s0, s1, zlo):  # pragma: no cover - compiled
-    """First position in the depth-sorted run [s0, s1) with depth >= zlo (binary search)."""
-    a_ = s0
-    b_ = s1
-    while a_ < b_:
-        mid = (a_ + b_) >> 1
-        if coords[g, 2, mid] < zlo:
-            a_ = mid + 1
-        else:
-            b_ = mid
-    return a_
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _search(x0, x1, x2, c, best, g, origin, dims, cell, starts, items, coords):  # pragma: no cover - compiled
-    """Exhaustive check around one point (column frame of reference ``g``): the closest vertex
-    within sqrt(best) of it, ``c`` kept on a tie unless a lower id ties."""
-    r = np.sqrt(best) * (1.0 + 1e-9) + 1e-9
-    h = cell[g]
-    n1 = dims[g, 1]
-    lo0, hi0, lo1, hi1 = _column_box(x0, x1, r, g, origin, dims, cell)
-    for i in range(lo0, hi0 + 1):
-        e0 = _gap(x0, origin[g, 0] + i * h, h)
-        for j in range(lo1, hi1 + 1):
-            e1 = _gap(x1, origin[g, 1] + j * h, h)
-            if e0 * e0 + e1 * e1 > best:
-                continue
-            s0 = starts[g, i * n1 + j]
-            s1 = starts[g, i * n1 + j + 1]
-            if s0 == s1:
-                continue
-            r = np.sqrt(best) * (1.0 + 1e-9) + 1e-9
-            zhi = x2 + r
-            for p in range(_first_at_depth(coords, g, s0, s1, x2 - r), s1):
-                z = coords[g, 2, p]
-                if z > zhi:
-                    break
-                d0 = x0 - coords[g, 0, p]
-                d1 = x1 - coords[g, 1, p]
-                d2 = x2 - z
-                dv = d0 * d0 + d1 * d1 + d2 * d2
-                if dv <= best:
-                    v = items[g, p]
-                    if dv < best or v < c:
-                        best = dv
-                        c = v
-    return c, best
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _search_ball(x0, x1, x2, r0, g, origin, dims, cell, starts, items, coords):  # pragma: no cover - compiled
-    """Every vertex within distance ``r0`` of a point (column frame of reference ``g``): the
-    closest (lowest id on an exact tie) and a lower bound of the second-closest distance.
-
-    Returns (c, d2, lb2): the nearest vertex and its squared distance (when none lies within
-    ``r0``: -1, or a farther vertex met on the way), and min(second-smallest squared distance
-    among them, r0^2): no vertex other than ``c`` is closer than sqrt(lb2).
-    """
-    rr = r0 * r0
-    h = cell[g]
-    n1 = dims[g, 1]
-    lo0, hi0, lo1, hi1 = _column_box(x0, x1, r0, g, origin, dims, cell)
-    c = -1
-    best = np.inf
-    second = rr
-    for i in range(lo0, hi0 + 1):
-        e0 = _gap(x0, origin[g, 0] + i * h, h)
-        for j in range(lo1, hi1 + 1):
-            e1 = _gap(x1, origin[g, 1] + j * h, h)
-            lat = e0 * e0 + e1 * e1
-            if lat > rr:
-                continue
-            s0 = starts[g, i * n1 + j]
-            s1 = starts[g, i * n1 + j + 1]
-            if s0 == s1:
-                continue
-            w = np.sqrt(rr - lat) * (1.0 + 1e-9) + 1e-9
-            zhi = x2 + w
-            for p in range(_first_at_depth(coords, g, s0, s1, x2 - w), s1):
-                z = coords[g, 2, p]
-                if z > zhi:
-                    break
-                d0 = x0 - coords[g, 0, p]
-                d1 = x1 - coords[g, 1, p]
-                d2 = x2 - z
-                dv = d0 * d0 + d1 * d1 + d2 * d2
-                if dv < best:
-                    if best < second:
-                        second = best
-                    best = dv
-                    c = items[g, p]
-                elif dv == best:
-                    second = dv
-                    v = items[g, p]
-                    if v < c:
-                        c = v
-                elif dv < second:
-                    second = dv
-    return c, best, second
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _walk_search(y0, y1, y2, c, best, g, ax, q, nbr, origin, dims, cell, starts, items, coords, max_steps):  # pragma: no cover - compiled
-    """Walk from ``c`` (squared distance ``best``) to a local minimum, then the exhaustive check."""
-    c, best = _walk_one(y0, y1, y2, c, best, g, ax, q, nbr, max_steps)
-    return _search(y0, y1, y2, c, best, g, origin, dims, cell, starts, items, coords)
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _walk_one(y0, y1, y2, c, best, g, ax, q, nbr, max_steps):  # pragma: no cover - compiled
-    """Greedy walk: move to the closest candidate while one is strictly closer (lowest slot on
-    ties). Coordinates ``y`` are along the axes ``ax``; distances are squared, in float64."""
-    k = nbr.shape[1]
-    for _ in range(max_steps):
-        nb = c
-        nbd = best
-        for j in range(k):
-            v = nbr[c, j]
-            e0 = y0 - q[g, v, ax[0]]
-            e1 = y1 - q[g, v, ax[1]]
-            e2 = y2 - q[g, v, ax[2]]
-            dv = e0 * e0 + e1 * e1 + e2 * e2
-            if dv < nbd:
-                nbd = dv
-                nb = v
-        if nb == c:
-            break
-        c = nb
-        best = nbd
-    return c, best
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _walk_bound(u0, u1, u2, c, best, g, q, nbr, max_steps):  # pragma: no cover - compiled
-    """The greedy walk of :func:`_walk_one` in the references' own frame (no axis permutation)
-    with branch-free steps: used only where the walk's end is an upper bound that an exhaustive
-    check confirms or corrects, so its path never changes a result."""
-    k = nbr.shape[1]
-    for _ in range(max_steps):
-        nb = c
-        nbd = best
-        for j in range(k):
-            v = nbr[c, j]
-            e0 = u0 - q[g, v, 0]
-            e1 = u1 - q[g, v, 1]
-            e2 = u2 - q[g, v, 2]
-            dv = e0 * e0 + e1 * e1 + e2 * e2
-            lt = dv < nbd
-            nbd = dv if lt else nbd
-            nb = v if lt else nb
-        if nb == c:
-            break
-        c = nb
-        best = nbd
-    return c, best
-
-
-@njit(nogil=True, cache=True)
-def nearest_exact(x, ref_of, start, q, nbr, axes, origin, dims, cell, starts, items, coords, chain, max_steps):  # pragma: no cover - compiled
-    """Exact nearest reference vertex of each point (see the module docstring).
-
-    Parameters
-    ----------
-    x : (M, 3) float32
-        Query points, in the frame of their reference.
-    ref_of : (M,) int64
-        Reference (table) index of each point.
-    start : (M,) int64
-        Local start vertex of each point (its distance is the first bound).
-    q : (G, n, 3) float32
-        Reference vertices.
-    nbr : (n, K) int64
-        Candidate graph of the walk (local ids; padding slots hold the vertex itself).
-    axes : (G, 3) int64, origin : (G, 2) float64, dims : (G, 2) int64, cell : (G,) float64
-        Column grid of each reference (:func:`build_grids`).
-    starts : (G, C + 1) int32, items : (G, n) int32, coords : (G, 3, n) float32
-        Column tables of each reference (``C`` the largest column count; unused tail zeros).
-    chain : bool
-        Also try, as a start, the previous point's answer shifted by the difference of the two
-        start ids (points given in mesh order with ``start = arange``: consecutive vertices are
-        mostly neighbours, so this start is usually closer).
-    max_steps : int
-        Cap on the walk's moves.
-
-    Returns
-    -------
-    (M,) int64 local ids.
-    """
-    m = x.shape[0]
-    n = q.shape[1]
-    out = np.empty(m, np.int64)
-    prev = -1
-    for i in range(m):
-        g = ref_of[i]
-        ax = axes[g]
-        y0 = np.float64(x[i, ax[0]])
-        y1 = np.float64(x[i, ax[1]])
-        y2 = np.float64(x[i, ax[2]])
-        c = start[i]
-        d0 = y0 - q[g, c, ax[0]]
-        d1 = y1 - q[g, c, ax[1]]
-        d2 = y2 - q[g, c, ax[2]]
-        best = d0 * d0 + d1 * d1 + d2 * d2
-        if chain and i > 0 and ref_of[i - 1] == g:
-            c2 = prev + (start[i] - start[i - 1])
-            if 0 <= c2 < n and c2 != c:
-                e0 = y0 - q[g, c2, ax[0]]
-                e1 = y1 - q[g, c2, ax[1]]
-                e2 = y2 - q[g, c2, ax[2]]
-                d = e0 * e0 + e1 * e1 + e2 * e2
-                if d < best:
-                    best = d
-                    c = c2
-        c, best = _walk_search(y0, y1, y2, c, best, g, ax, q, nbr, origin, dims, cell, starts, items, coords, max_steps)
-        out[i] = c
-        prev = c
-    return out
-
-
 # ------------------------------------------------------------------- the compiled ICP pipeline
-# The same algorithm as the numpy implementation in v2m_bench.icp (see its docstrings and
+# The same algorithm as the numpy engine (numpy_engine.py; see v2m_bench.metrics.icp and
 # docs/metrics.md), sample after sample in compiled loops: nothing here depends on which other
 # samples are processed, so a prediction's result never depends on its batch or on threads. Sums
 # run front to back in float64; the results agree with the numpy path to rounding (not bit for
@@ -319,7 +40,7 @@ def nearest_exact(x, ref_of, start, q, nbr, axes, origin, dims, cell, starts, it
 def normals32(q, tri):  # pragma: no cover - compiled
     """Area-weighted unit vertex normals of each reference: q (G, n, 3) float32, tri (F, 3) ->
     (G, n, 3) float32. Face normals (unnormalised cross products) in float32, summed per vertex in
-    float64 in triangle order, normalised in float64 (``icp._normals32`` for one reference)."""
+    float64 in triangle order, normalised in float64 (``walk.normals32`` for one reference)."""
     g_, n, _ = q.shape
     out = np.empty((g_, n, 3), np.float32)
     acc = np.empty((n, 3), np.float64)
@@ -353,7 +74,7 @@ def normals32(q, tri):  # pragma: no cover - compiled
 
 @njit(nogil=True, cache=True)
 def center_references(ref, rows):  # pragma: no cover - compiled
-    """Centroids and centred float32 vertices of the references ``ref[rows]`` (``icp._chunk_references``).
+    """Centroids and centred float32 vertices of the references ``ref[rows]`` (``driver.chunk_references``).
 
     ref (B, n, 3) float; rows (G,) int64. The centroid is the float64 mean summed front to back
     (as numpy's ``mean(axis=1, dtype=float64)`` sums), the centred vertices
@@ -388,93 +109,6 @@ def center_references(ref, rows):  # pragma: no cover - compiled
             out[gi, v, 1] = np.float32(np.float64(ref[g, v, 1]) - c1)
             out[gi, v, 2] = np.float32(np.float64(ref[g, v, 2]) - c2)
     return centroid, out, finite
-
-
-@njit(nogil=True, cache=True)
-def build_grids(q, cell_factor):  # pragma: no cover - compiled
-    """Column-grid index of each of G references, stacked as :func:`nearest_exact` takes them.
-
-    The two axes of largest extent (for a face: x and y) are cut into square columns; the vertices
-    of each column are sorted along the third axis (depth), so a search visits only the part of a
-    column inside a depth slab. q (G, n, 3) float32; the column edge is ``cell_factor`` times the
-    mean vertex spacing over the two widest axes (enlarged while the grid would exceed 4 columns
-    per vertex; any edge gives the same search results).
-
-    Returns axes (G, 3) int64 (the column axes, then the sorted axis), origin (G, 2) float64
-    (lower grid corner), dims (G, 2) int64 (columns per axis), cell (G,) float64 (column edge),
-    starts (G, C + 1) int32 (run offsets of each column in ``items``; ``C`` the largest column
-    count, unused tail zeros), items (G, n) int32 (vertex ids by column, then depth, then id) and
-    coords (G, 3, n) float32 (the positions of ``items`` along ``axes``, for contiguous scans).
-    """
-    g_, n, _ = q.shape
-    axes = np.empty((g_, 3), np.int64)
-    origin = np.empty((g_, 2), np.float64)
-    dims = np.empty((g_, 2), np.int64)
-    cell = np.empty(g_, np.float64)
-    for g in range(g_):
-        lo = np.empty(3)
-        hi = np.empty(3)
-        for k in range(3):
-            lo[k] = np.inf
-            hi[k] = -np.inf
-        for v in range(n):
-            for k in range(3):
-                z = np.float64(q[g, v, k])
-                if z < lo[k]:
-                    lo[k] = z
-                if z > hi[k]:
-                    hi[k] = z
-        ext = hi - lo
-        # axes by decreasing extent, stable on ties
-        order = np.array([0, 1, 2])
-        for i in range(1, 3):
-            j = i
-            while j > 0 and ext[order[j]] > ext[order[j - 1]]:
-                tmp = order[j]
-                order[j] = order[j - 1]
-                order[j - 1] = tmp
-                j -= 1
-        for k in range(3):
-            axes[g, k] = order[k]
-        h = cell_factor * np.sqrt(ext[order[0]] * ext[order[1]] / max(n, 1))
-        if not h > 0:
-            h = 1.0
-        s0 = ext[order[0]]
-        s1 = ext[order[1]]
-        while (np.floor(s0 / h) + 1) * (np.floor(s1 / h) + 1) > 4 * max(n, 1):
-            h *= 1.25
-        cell[g] = h
-        origin[g, 0] = lo[order[0]]
-        origin[g, 1] = lo[order[1]]
-        dims[g, 0] = np.int64(np.floor(s0 / h)) + 1
-        dims[g, 1] = np.int64(np.floor(s1 / h)) + 1
-    cmax = 0
-    for g in range(g_):
-        cmax = max(cmax, dims[g, 0] * dims[g, 1])
-    starts = np.zeros((g_, cmax + 1), np.int32)
-    items = np.empty((g_, n), np.int32)
-    coords = np.empty((g_, 3, n), np.float32)
-    key = np.empty(n, np.int64)
-    depth = np.empty(n, np.float32)
-    for g in range(g_):
-        a0 = axes[g, 0]
-        a1 = axes[g, 1]
-        a2 = axes[g, 2]
-        h = cell[g]
-        for v in range(n):
-            i0 = min(np.int64(np.floor((np.float64(q[g, v, a0]) - origin[g, 0]) / h)), dims[g, 0] - 1)
-            i1 = min(np.int64(np.floor((np.float64(q[g, v, a1]) - origin[g, 1]) / h)), dims[g, 1] - 1)
-            key[v] = i0 * dims[g, 1] + i1
-            depth[v] = q[g, v, a2]
-        st, it = _column_sort(key, depth, dims[g, 0] * dims[g, 1])
-        starts[g, : st.shape[0]] = st
-        items[g] = it
-        for p in range(n):
-            v = it[p]
-            coords[g, 0, p] = q[g, v, a0]
-            coords[g, 1, p] = q[g, v, a1]
-            coords[g, 2, p] = q[g, v, a2]
-    return axes, origin, dims, cell, starts, items, coords
 
 
 @njit(nogil=True, cache=True)
@@ -592,16 +226,25 @@ def _solve_spd(a, b):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
-def icp_iterate(p_it, q_it, ref_of, r, s, t, start, pivot, max_iter, damping, rmse_rtol, tol, exact, margin,
-                q, nrm, nbr, axes, origin, dims, cell, starts, items, coords, max_steps):  # pragma: no cover - compiled
-    """Levenberg-Marquardt point-to-plane ICP of each sample (``icp._icp_iterations``, compiled).
+def icp_iterate(samples, pose, refs, grid, settings):  # pragma: no cover - compiled
+    """Levenberg-Marquardt point-to-plane ICP of each sample (``numpy_engine.icp_iterations``, compiled).
 
-    p_it (a, S, 3) float64 prediction iteration vertices; q_it (a, S, 3) float64 their reference
-    positions; ref_of (a,) reference index; r (a, 3, 3), s (a,), t (a, 3) start transforms; start
-    (a, S) start vertices of the searches; pivot (a, 3) rotation centre. ``exact``: nearest
-    vertices by the exhaustive search, else by the walk alone. Returns the best iterate's r, s, t,
-    the evaluations, converged flags and nearest vertices.
+    samples = (p_it, q_it, ref_of, start, pivot): p_it (a, S, 3) float64 prediction iteration
+    vertices; q_it (a, S, 3) float64 their reference positions; ref_of (a,) reference index; start
+    (a, S) start vertices of the searches; pivot (a, 3) rotation centre. pose = (r (a, 3, 3),
+    s (a,), t (a, 3)) the start transforms. refs = (q (G, n, 3) float32 reference vertices, nrm
+    (G, n, 3) float32 normals, nbr (n, K) walk graph); grid their column grids. settings =
+    (max_iter, damping, rmse_rtol, tol, exact, margin, max_steps): ``tol`` in input units;
+    ``exact``: nearest vertices by the exhaustive search, else by the walk alone; ``margin``: the
+    extra radius of the exhaustive searches that lets a point reuse its answer while it moves
+    less than half the gap to its second-nearest vertex (0: no reuse). Returns the best iterate's
+    r, s, t, the evaluations, converged flags and nearest vertices.
     """
+    p_it, q_it, ref_of, start, pivot = samples
+    r, s, t = pose
+    q, nrm, nbr = refs
+    max_iter, damping, rmse_rtol, tol, exact, margin, max_steps = settings
+    axes = grid[0]
     a_, S, _ = p_it.shape
     dim = 6
     out_r = r.copy()
@@ -662,7 +305,8 @@ def icp_iterate(p_it, q_it, ref_of, r, s, t, start, pivot, max_iter, damping, rm
             m21 = cs * cr[2, 1]
             m22 = cs * cr[2, 2]
             f = 0.0
-            # the normal equations' sums, accumulated in point order in registers
+            # the normal equations' sums, accumulated in point order in registers (written out one
+            # scalar per entry: each sum keeps its own front-to-back order, as in the numpy engine)
             a00 = 0.0
             a01 = 0.0
             a02 = 0.0
@@ -718,14 +362,13 @@ def icp_iterate(p_it, q_it, ref_of, r, s, t, start, pivot, max_iter, damping, rm
                     d0 = z[0] - q[g, c, 0]
                     d1 = z[1] - q[g, c, 1]
                     d2 = z[2] - q[g, c, 2]
-                    c, dd = _walk_bound(z[0], z[1], z[2], c, d0 * d0 + d1 * d1 + d2 * d2, g, q, nbr, max_steps)
+                    c, dd = walk_bound(z[0], z[1], z[2], c, d0 * d0 + d1 * d1 + d2 * d2, g, q, nbr, max_steps)
                     d0 = y0 - q[g, c, ax[0]]
                     d1 = y1 - q[g, c, ax[1]]
                     d2 = y2 - q[g, c, ax[2]]
                     dd = d0 * d0 + d1 * d1 + d2 * d2
                     if margin > 0.0:
-                        c, dd, lb2 = _search_ball(y0, y1, y2, np.sqrt(dd) * (1.0 + 1e-9) + 1e-9 + margin, g, origin,
-                                                  dims, cell, starts, items, coords)
+                        c, dd, lb2 = search_ball(y0, y1, y2, np.sqrt(dd) * (1.0 + 1e-9) + 1e-9 + margin, g, grid)
                         sl = 0.5 * (np.sqrt(lb2) - np.sqrt(dd)) * (1.0 - 1e-9) - 1e-6
                         slack[i] = sl
                         ccert[i] = c
@@ -733,12 +376,12 @@ def icp_iterate(p_it, q_it, ref_of, r, s, t, start, pivot, max_iter, damping, rm
                         xcert[i, 1] = y1
                         xcert[i, 2] = y2
                     else:
-                        c, dd = _search(y0, y1, y2, c, dd, g, origin, dims, cell, starts, items, coords)
+                        c, dd = search_point(y0, y1, y2, c, dd, g, grid)
                 else:
                     d0 = y0 - q[g, c, ax[0]]
                     d1 = y1 - q[g, c, ax[1]]
                     d2 = y2 - q[g, c, ax[2]]
-                    c, dd = _walk_one(y0, y1, y2, c, d0 * d0 + d1 * d1 + d2 * d2, g, ax, q, nbr, max_steps)
+                    c, dd = walk_one(y0, y1, y2, c, d0 * d0 + d1 * d1 + d2 * d2, g, ax, q, nbr, max_steps)
                 cc[i] = c
                 n0 = np.float64(nrm[g, c, 0])
                 n1 = np.float64(nrm[g, c, 1])
@@ -858,10 +501,16 @@ _SCORE_GROUP = 32  # most points whose checks share one gathered candidate list 
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _gather_box(lo0, hi0, lo1, hi1, lo2, hi2, g, origin, dims, cell, starts, coords, lx, ly, lz):  # pragma: no cover - compiled
-    """Copy the vertices of reference ``g`` inside the box [lo, hi] (column frame) to the float32
-    lists lx, ly, lz; returns their number. Branch-free inner loop (the box test adds 0 or 1)."""
-    i0, i1, j0, j1 = _column_range(lo0, hi0, lo1, hi1, g, origin, dims, cell)
+def _gather_box(box, g, grid, lists):  # pragma: no cover - compiled
+    """Copy the vertices of reference ``g`` inside the box (lo0, hi0, lo1, hi1, lo2, hi2) (column
+    frame) to the float32 lists (lx, ly, lz); returns their number. Branch-free inner loop (the
+    box test adds 0 or 1)."""
+    lo0, hi0, lo1, hi1, lo2, hi2 = box
+    lx, ly, lz = lists
+    dims = grid[2]
+    starts = grid[4]
+    coords = grid[6]
+    i0, i1, j0, j1 = column_range(lo0, hi0, lo1, hi1, g, grid)
     n1 = dims[g, 1]
     cx = coords[g, 0]
     cy = coords[g, 1]
@@ -871,7 +520,7 @@ def _gather_box(lo0, hi0, lo1, hi1, lo2, hi2, g, origin, dims, cell, starts, coo
         for j in range(j0, j1 + 1):
             s0 = starts[g, i * n1 + j]
             s1 = starts[g, i * n1 + j + 1]
-            a_ = _first_at_depth(coords, g, s0, s1, lo2)
+            a_ = first_at_depth(coords, g, s0, s1, lo2)
             b_ = a_
             while b_ < s1 and cz[b_] <= hi2:
                 b_ += 1
@@ -901,10 +550,12 @@ def _count_within(lx, ly, lz, nl, a0, a1, a2, thr):  # pragma: no cover - compil
 
 
 @njit(nogil=True, cache=True)
-def score_exact(p, r, s, t, ref_of, q, nrm, nbr, axes, origin, dims, cell, starts, items, coords, max_steps):  # pragma: no cover - compiled
+def score_exact(p, pose, ref_of, refs, grid, max_steps):  # pragma: no cover - compiled
     """Exhaustively searched nearest vertices and signed point-to-plane distances of whole meshes.
 
-    p (a, m, 3) float32 points, moved by ``s R p + t`` in float32 (``icp._apply``). Per mesh:
+    p (a, m, 3) float32 points, moved by ``s R p + t`` in float32 (``algebra.transform`` to
+    float32) with pose = (r, s, t); ref_of (a,) reference index; refs = (q, nrm, nbr) and grid as
+    in :func:`icp_iterate`. Per mesh:
 
     1. **Walk**, in mesh order, each point from the corresponding vertex or the previous point's
        answer shifted by one (``nearest_exact`` with ``chain``): an upper bound ``d`` of each
@@ -915,13 +566,16 @@ def score_exact(p, r, s, t, ref_of, q, nrm, nbr, axes, origin, dims, cell, start
        are gathered once, and each point counts those within ``d`` in float32 with a relative
        margin of 1e-5 (far above float32 rounding, so no vertex within ``d`` is missed). A count
        of one (the walk's own end) proves the walk's answer is the unique nearest vertex; any
-       other count runs :func:`_search`, the per-point check.
+       other count runs :func:`search_point`, the per-point check.
 
     The grouping only decides which points share a gathered list, never an answer. Returns
     near (a, m) int64, d (a, m) float32 ``n_q . (x - q)`` and ss (a,) float64, the sum of the
-    squared distances (in float64) in ``icp._rowsum``'s order: 8 interleaved partial sums, front
+    squared distances (in float64) in ``algebra.rowsum``'s order: 8 interleaved partial sums, front
     to back, combined pairwise.
     """
+    r, s, t = pose
+    q, nrm, nbr = refs
+    axes, origin, dims, cell = grid[0], grid[1], grid[2], grid[3]
     a_, m, _ = p.shape
     n = q.shape[1]
     near = np.empty((a_, m), np.int64)
@@ -979,7 +633,7 @@ def score_exact(p, r, s, t, ref_of, q, nrm, nbr, axes, origin, dims, cell, start
                     if dd < best:
                         best = dd
                         c = c2
-            c, best = _walk_bound(u[0], u[1], u[2], c, best, g, q, nbr, max_steps)
+            c, best = walk_bound(u[0], u[1], u[2], c, best, g, q, nbr, max_steps)
             prev = c
             y0 = u[ax[0]]
             y1 = u[ax[1]]
@@ -1022,13 +676,13 @@ def score_exact(p, r, s, t, ref_of, q, nrm, nbr, axes, origin, dims, cell, start
                     bh1 = max(bh1, y1 + w)
                     bl2 = min(bl2, y2 - w)
                     bh2 = max(bh2, y2 + w)
-                nl = _gather_box(bl0, bh0, bl1, bh1, bl2, bh2, g, origin, dims, cell, starts, coords, lx, ly, lz)
+                nl = _gather_box((bl0, bh0, bl1, bh1, bl2, bh2), g, grid, (lx, ly, lz))
                 for k in range(lo, hi):
                     i = order[k]
                     thr = np.float32(ds[i] * (1.0 + 1e-5) + 1e-30)
                     if _count_within(lx, ly, lz, nl, xs[i, ax[0]], xs[i, ax[1]], xs[i, ax[2]], thr) != 1:
-                        cs[i], _ = _search(np.float64(xs[i, ax[0]]), np.float64(xs[i, ax[1]]), np.float64(xs[i, ax[2]]),
-                                           cs[i], ds[i], g, origin, dims, cell, starts, items, coords)
+                        cs[i], _ = search_point(np.float64(xs[i, ax[0]]), np.float64(xs[i, ax[1]]), np.float64(xs[i, ax[2]]),
+                                                cs[i], ds[i], g, grid)
                 lo = hi
         lanes[:] = 0.0
         for i in range(m):
