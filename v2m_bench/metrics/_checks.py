@@ -13,7 +13,8 @@ import numpy as np
 
 from ..errors import ValidationError
 
-__all__ = ["meshes", "mesh_batch", "mesh_pair", "reads_vertex", "finite", "not_finite", "triangles", "group", "regions", "squeeze", "take", "distance"]
+__all__ = ["meshes", "mesh_batch", "mesh_pair", "reads_vertex", "finite", "not_finite", "triangles", "group", "regions",
+           "squeeze", "take", "distance"]
 
 
 def meshes(a, key: str) -> tuple[np.ndarray, bool]:

@@ -51,15 +51,15 @@ and that answer shifted by the vertex-id offset. ``nearest="exact"`` searches ex
 
 **Exhaustive search and the two implementations** (``engine``). ``"numba"`` (the default when
 numba imports; it comes with the project through librosa) runs the whole metric compiled
-(``v2m_bench/metrics/_icp/kernels.py``): normals, search grids, the correspondence fit's sums, the ICP
-iterations and the scores, prediction after prediction, with an exhaustive search that walks from a
-start vertex to bound the distance, then checks every vertex of a depth-sorted column grid within
-that bound. ``"kdtree"`` runs the numpy implementation (``_icp/numpy_engine.py``) with scipy k-d
-trees (the fallback
-without numba; also used for torch devices and walk-only configurations). Both find the same
-nearest vertices (exact distance ties: the compiled search takes the lowest vertex id) and take the
-same steps; they group sums and solve the 6x6 systems differently, so transforms agree to about
-1e-13 and RMSEs to rounding (tested).
+(``_icp/compiled_engine.py`` and the kernels in ``_icp/kernels.py``): normals, search grids, the
+correspondence fit's sums, the ICP iterations and the scores, prediction after prediction, with
+an exhaustive search that walks from a start vertex to bound the distance, then checks every
+vertex of a depth-sorted column grid within that bound. ``"kdtree"`` runs the numpy
+implementation (``_icp/numpy_engine.py``) with scipy k-d trees (the fallback without numba; also
+used for torch devices and walk-only configurations). Both engines run the same chunk procedure
+(``_icp/driver.py``), find the same nearest vertices (exact distance ties: the compiled search
+takes the lowest vertex id) and take the same steps; they group sums and solve the 6x6 systems
+differently, so transforms agree to about 1e-13 and RMSEs to rounding (tested).
 
 Implementation of the numpy path: per-reference tables (centred float32 positions, normals, and
 each vertex's edge vectors to its candidates) are built once and shared by all predictions of that

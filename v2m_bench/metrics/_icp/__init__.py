@@ -14,6 +14,7 @@ A private package, one unit: its modules share names freely, nothing outside
 - :mod:`.numpy_engine`: the ICP iterations and the score of the numpy path.
 - :mod:`.compiled_engine`: the same steps through the compiled kernels.
 - :mod:`.driver`: chunks of references, the one chunk procedure both engines run, the results.
-- :mod:`.grid_kernels`, :mod:`.kernels`: the numba kernels (imported only by :mod:`.search`,
-  inside the function that picks the engine, so ``import v2m_bench.metrics`` needs no numba).
+- :mod:`.kernels` (with :mod:`.grid_kernels` and :mod:`.score_kernels`): the numba kernels,
+  imported only by :mod:`.search` inside the function that picks the engine, so
+  ``import v2m_bench.metrics`` needs no numba.
 """

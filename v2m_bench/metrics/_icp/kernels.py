@@ -3,8 +3,8 @@ the ICP iterations and the exhaustive scores, prediction after prediction.
 
 The only module of the package that the engine choice imports (:func:`.search.exact_engine`, a
 visible lazy import), so ``import v2m_bench.metrics`` needs numpy, scipy and h5py alone. The
-searches themselves are in :mod:`.grid_kernels` (:func:`build_grids` and :func:`nearest_exact`
-are re-exported here). Argument groups: ``refs = (q, nrm, nbr)`` (centred float32 reference
+searches themselves are in :mod:`.grid_kernels` and the exhaustive score in :mod:`.score_kernels`
+(:func:`build_grids`, :func:`nearest_exact` and :func:`score_exact` are re-exported here). Argument groups: ``refs = (q, nrm, nbr)`` (centred float32 reference
 vertices (G, n, 3), their normals, the walk graph (n, K)); ``grid`` the tuple of
 :func:`build_grids`; ``pose = (r, s, t)``.
 """
@@ -14,16 +14,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .grid_kernels import (
-    build_grids,
-    column_range,
-    first_at_depth,
-    nearest_exact,
-    search_ball,
-    search_point,
-    walk_bound,
-    walk_one,
-)
+from .grid_kernels import build_grids, nearest_exact, search_ball, search_point, walk_bound, walk_one
+from .score_kernels import score_exact
 
 __all__ = ["build_grids", "center_references", "nearest_exact", "normals32", "cross_covariance", "icp_iterate", "score_exact"]
 
@@ -267,13 +259,13 @@ def icp_iterate(samples, pose, refs, grid, settings):  # pragma: no cover - comp
         slack[:] = -1.0
         g = ref_of[b]
         ax = axes[g]
-        cr = r[b].copy()
-        cs = s[b]
-        ct = t[b].copy()
-        br = cr.copy()
-        bs = cs
-        bt = ct.copy()
-        bc = out_c[b]
+        cur_r = r[b].copy()
+        cur_s = s[b]
+        cur_t = t[b].copy()
+        best_r = cur_r.copy()
+        best_s = cur_s
+        best_t = cur_t.copy()
+        best_c = out_c[b]
         best = np.inf
         lam = damping
         o0 = pivot[b, 0]
@@ -295,15 +287,15 @@ def icp_iterate(samples, pose, refs, grid, settings):  # pragma: no cover - comp
             rho = 1.0
         for k in range(max_iter):
             # evaluate the current iterate
-            m00 = cs * cr[0, 0]
-            m01 = cs * cr[0, 1]
-            m02 = cs * cr[0, 2]
-            m10 = cs * cr[1, 0]
-            m11 = cs * cr[1, 1]
-            m12 = cs * cr[1, 2]
-            m20 = cs * cr[2, 0]
-            m21 = cs * cr[2, 1]
-            m22 = cs * cr[2, 2]
+            m00 = cur_s * cur_r[0, 0]
+            m01 = cur_s * cur_r[0, 1]
+            m02 = cur_s * cur_r[0, 2]
+            m10 = cur_s * cur_r[1, 0]
+            m11 = cur_s * cur_r[1, 1]
+            m12 = cur_s * cur_r[1, 2]
+            m20 = cur_s * cur_r[2, 0]
+            m21 = cur_s * cur_r[2, 1]
+            m22 = cur_s * cur_r[2, 2]
             f = 0.0
             # the normal equations' sums, accumulated in point order in registers (written out one
             # scalar per entry: each sum keeps its own front-to-back order, as in the numpy engine)
@@ -338,15 +330,15 @@ def icp_iterate(samples, pose, refs, grid, settings):  # pragma: no cover - comp
                 p0 = p_it[b, i, 0]
                 p1 = p_it[b, i, 1]
                 p2 = p_it[b, i, 2]
-                x0 = m00 * p0 + m01 * p1 + m02 * p2 + ct[0]
-                x1 = m10 * p0 + m11 * p1 + m12 * p2 + ct[1]
-                x2 = m20 * p0 + m21 * p1 + m22 * p2 + ct[2]
+                x0 = m00 * p0 + m01 * p1 + m02 * p2 + cur_t[0]
+                x1 = m10 * p0 + m11 * p1 + m12 * p2 + cur_t[1]
+                x2 = m20 * p0 + m21 * p1 + m22 * p2 + cur_t[2]
                 # the search sees the point in float32, as the numpy path's tables do
                 z = (np.float64(np.float32(x0)), np.float64(np.float32(x1)), np.float64(np.float32(x2)))
                 y0 = z[ax[0]]
                 y1 = z[ax[1]]
                 y2 = z[ax[2]]
-                c = bc[i]
+                c = best_c[i]
                 moved2 = np.inf
                 if slack[i] > 0.0:
                     e0 = y0 - xcert[i, 0]
@@ -438,10 +430,10 @@ def icp_iterate(samples, pose, refs, grid, settings):  # pragma: no cover - comp
             better = cur < prev
             if better:
                 best = cur
-                br[:] = cr
-                bs = cs
-                bt[:] = ct
-                bc[:] = cc
+                best_r[:] = cur_r
+                best_s = cur_s
+                best_t[:] = cur_t
+                best_c[:] = cc
                 best_a[:] = amat
                 best_b[:] = bvec
                 if not first:
@@ -479,219 +471,19 @@ def icp_iterate(samples, pose, refs, grid, settings):  # pragma: no cover - comp
                         rot[u, w] += sn * kx[u, w] + cn * kk[u, w]
             for u in range(3):
                 for w in range(3):
-                    cr[u, w] = rot[u, 0] * br[0, w] + rot[u, 1] * br[1, w] + rot[u, 2] * br[2, w]
-            v0 = bt[0] - o0
-            v1 = bt[1] - o1
-            v2 = bt[2] - o2
+                    cur_r[u, w] = rot[u, 0] * best_r[0, w] + rot[u, 1] * best_r[1, w] + rot[u, 2] * best_r[2, w]
+            v0 = best_t[0] - o0
+            v1 = best_t[1] - o1
+            v2 = best_t[2] - o2
             piv = (o0, o1, o2)
             for u in range(3):
-                ct[u] = rot[u, 0] * v0 + rot[u, 1] * v1 + rot[u, 2] * v2 + piv[u] + delta[3 + u]
+                cur_t[u] = rot[u, 0] * v0 + rot[u, 1] * v1 + rot[u, 2] * v2 + piv[u] + delta[3 + u]
             moved = th * rmax + np.sqrt(delta[3] * delta[3] + delta[4] * delta[4] + delta[5] * delta[5])
             if moved <= tol:
                 conv[b] = True
                 break
-        out_r[b] = br
-        out_s[b] = bs
-        out_t[b] = bt
-        out_c[b] = bc
+        out_r[b] = best_r
+        out_s[b] = best_s
+        out_t[b] = best_t
+        out_c[b] = best_c
     return out_r, out_s, out_t, iters, conv, out_c
-
-
-_SCORE_GROUP = 32  # most points whose checks share one gathered candidate list (no effect on results)
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _gather_box(box, g, grid, lists):  # pragma: no cover - compiled
-    """Copy the vertices of reference ``g`` inside the box (lo0, hi0, lo1, hi1, lo2, hi2) (column
-    frame) to the float32 lists (lx, ly, lz); returns their number. Branch-free inner loop (the
-    box test adds 0 or 1)."""
-    lo0, hi0, lo1, hi1, lo2, hi2 = box
-    lx, ly, lz = lists
-    dims = grid[2]
-    starts = grid[4]
-    coords = grid[6]
-    i0, i1, j0, j1 = column_range(lo0, hi0, lo1, hi1, g, grid)
-    n1 = dims[g, 1]
-    cx = coords[g, 0]
-    cy = coords[g, 1]
-    cz = coords[g, 2]
-    nl = 0
-    for i in range(i0, i1 + 1):
-        for j in range(j0, j1 + 1):
-            s0 = starts[g, i * n1 + j]
-            s1 = starts[g, i * n1 + j + 1]
-            a_ = first_at_depth(coords, g, s0, s1, lo2)
-            b_ = a_
-            while b_ < s1 and cz[b_] <= hi2:
-                b_ += 1
-            for p in range(a_, b_):
-                x0 = cx[p]
-                x1 = cy[p]
-                lx[nl] = x0
-                ly[nl] = x1
-                lz[nl] = cz[p]
-                nl += (x0 >= lo0) & (x0 <= hi0) & (x1 >= lo1) & (x1 <= hi1)
-    return nl
-
-
-@njit(nogil=True, cache=True, fastmath={"reassoc", "nsz", "contract"})
-def _count_within(lx, ly, lz, nl, a0, a1, a2, thr):  # pragma: no cover - compiled
-    """How many of the first ``nl`` listed vertices lie within squared distance ``thr`` of
-    (a0, a1, a2), all in float32 (a vectorised loop; the count is a float32 sum of ones, exact up
-    to 2**24). The fast-math flags let the compiler reorder the sum and fuse the products: the
-    distances may move by a few float32 roundings, far inside the caller's 1e-5 margin."""
-    k = np.float32(0.0)
-    for p in range(nl):
-        d0 = a0 - lx[p]
-        d1 = a1 - ly[p]
-        d2 = a2 - lz[p]
-        k += np.float32(1.0) if (d0 * d0 + d1 * d1 + d2 * d2) <= thr else np.float32(0.0)
-    return k
-
-
-@njit(nogil=True, cache=True)
-def score_exact(p, pose, ref_of, refs, grid, max_steps):  # pragma: no cover - compiled
-    """Exhaustively searched nearest vertices and signed point-to-plane distances of whole meshes.
-
-    p (a, m, 3) float32 points, moved by ``s R p + t`` in float32 (``algebra.transform`` to
-    float32) with pose = (r, s, t); ref_of (a,) reference index; refs = (q, nrm, nbr) and grid as
-    in :func:`icp_iterate`. Per mesh:
-
-    1. **Walk**, in mesh order, each point from the corresponding vertex or the previous point's
-       answer shifted by one (``nearest_exact`` with ``chain``): an upper bound ``d`` of each
-       point's nearest distance.
-    2. **Group** the points by the grid column they fall in (a counting sort; points outside the
-       grid join the edge columns), in runs of at most ``_SCORE_GROUP``.
-    3. **Check** each run: the reference vertices in one box that holds every point's walk ball
-       are gathered once, and each point counts those within ``d`` in float32 with a relative
-       margin of 1e-5 (far above float32 rounding, so no vertex within ``d`` is missed). A count
-       of one (the walk's own end) proves the walk's answer is the unique nearest vertex; any
-       other count runs :func:`search_point`, the per-point check.
-
-    The grouping only decides which points share a gathered list, never an answer. Returns
-    near (a, m) int64, d (a, m) float32 ``n_q . (x - q)`` and ss (a,) float64, the sum of the
-    squared distances (in float64) in ``algebra.rowsum``'s order: 8 interleaved partial sums, front
-    to back, combined pairwise.
-    """
-    r, s, t = pose
-    q, nrm, nbr = refs
-    axes, origin, dims, cell = grid[0], grid[1], grid[2], grid[3]
-    a_, m, _ = p.shape
-    n = q.shape[1]
-    near = np.empty((a_, m), np.int64)
-    dist = np.empty((a_, m), np.float32)
-    ss = np.empty(a_)
-    lanes = np.empty(8)
-    xs = np.empty((m, 3), np.float32)  # the moved points
-    ds = np.empty(m)  # squared walk distances (column frame, float64)
-    cs = np.empty(m, np.int64)  # walk ends, then answers
-    key = np.empty(m, np.int64)  # grid column of each point
-    order = np.empty(m, np.int64)  # points grouped by column
-    ncol = 0
-    for g in range(dims.shape[0]):
-        ncol = max(ncol, dims[g, 0] * dims[g, 1])
-    cend = np.empty(ncol + 1, np.int64)
-    lx = np.empty(n, np.float32)
-    ly = np.empty(n, np.float32)
-    lz = np.empty(n, np.float32)
-    for b in range(a_):
-        g = ref_of[b]
-        ax = axes[g]
-        n0 = dims[g, 0]
-        n1 = dims[g, 1]
-        inv = 1.0 / cell[g]
-        mm = np.empty((3, 3), np.float32)
-        for u in range(3):
-            for w in range(3):
-                mm[u, w] = np.float32(s[b] * r[b, u, w])
-        tt = t[b].astype(np.float32)
-        cend[: n0 * n1 + 1] = 0
-        prev = -1
-        for i in range(m):  # 1. walk
-            p0 = p[b, i, 0]
-            p1 = p[b, i, 1]
-            p2 = p[b, i, 2]
-            x0 = mm[0, 0] * p0 + mm[0, 1] * p1 + mm[0, 2] * p2 + tt[0]
-            x1 = mm[1, 0] * p0 + mm[1, 1] * p1 + mm[1, 2] * p2 + tt[1]
-            x2 = mm[2, 0] * p0 + mm[2, 1] * p1 + mm[2, 2] * p2 + tt[2]
-            xs[i, 0] = x0
-            xs[i, 1] = x1
-            xs[i, 2] = x2
-            u = (np.float64(x0), np.float64(x1), np.float64(x2))
-            c = i % n
-            d0 = u[0] - q[g, c, 0]
-            d1 = u[1] - q[g, c, 1]
-            d2 = u[2] - q[g, c, 2]
-            best = d0 * d0 + d1 * d1 + d2 * d2
-            if i > 0:
-                c2 = prev + 1
-                if c2 < n and c2 != c:
-                    e0 = u[0] - q[g, c2, 0]
-                    e1 = u[1] - q[g, c2, 1]
-                    e2 = u[2] - q[g, c2, 2]
-                    dd = e0 * e0 + e1 * e1 + e2 * e2
-                    if dd < best:
-                        best = dd
-                        c = c2
-            c, best = walk_bound(u[0], u[1], u[2], c, best, g, q, nbr, max_steps)
-            prev = c
-            y0 = u[ax[0]]
-            y1 = u[ax[1]]
-            d0 = y0 - q[g, c, ax[0]]
-            d1 = y1 - q[g, c, ax[1]]
-            d2 = u[ax[2]] - q[g, c, ax[2]]
-            ds[i] = d0 * d0 + d1 * d1 + d2 * d2  # the bound in the check's own arithmetic
-            cs[i] = c
-            ki = min(max(int(np.floor((y0 - origin[g, 0]) * inv)), 0), n0 - 1)
-            kj = min(max(int(np.floor((y1 - origin[g, 1]) * inv)), 0), n1 - 1)
-            kk = ki * n1 + kj
-            key[i] = kk
-            cend[kk + 1] += 1
-        for col in range(n0 * n1):  # 2. group (counting sort by column)
-            cend[col + 1] += cend[col]
-        for i in range(m):
-            kk = key[i]
-            order[cend[kk]] = i
-            cend[kk] += 1  # ends as the end of the column's run
-        lo = 0
-        while lo < m:  # 3. check, a run of one column's points at a time
-            end = cend[key[order[lo]]]
-            while lo < end:
-                hi = min(end, lo + _SCORE_GROUP)
-                bl0 = np.inf
-                bh0 = -np.inf
-                bl1 = np.inf
-                bh1 = -np.inf
-                bl2 = np.inf
-                bh2 = -np.inf
-                for k in range(lo, hi):
-                    i = order[k]
-                    w = np.sqrt(ds[i]) * (1.0 + 1e-9) + 1e-9
-                    y0 = np.float64(xs[i, ax[0]])
-                    y1 = np.float64(xs[i, ax[1]])
-                    y2 = np.float64(xs[i, ax[2]])
-                    bl0 = min(bl0, y0 - w)
-                    bh0 = max(bh0, y0 + w)
-                    bl1 = min(bl1, y1 - w)
-                    bh1 = max(bh1, y1 + w)
-                    bl2 = min(bl2, y2 - w)
-                    bh2 = max(bh2, y2 + w)
-                nl = _gather_box((bl0, bh0, bl1, bh1, bl2, bh2), g, grid, (lx, ly, lz))
-                for k in range(lo, hi):
-                    i = order[k]
-                    thr = np.float32(ds[i] * (1.0 + 1e-5) + 1e-30)
-                    if _count_within(lx, ly, lz, nl, xs[i, ax[0]], xs[i, ax[1]], xs[i, ax[2]], thr) != 1:
-                        cs[i], _ = search_point(np.float64(xs[i, ax[0]]), np.float64(xs[i, ax[1]]), np.float64(xs[i, ax[2]]),
-                                                cs[i], ds[i], g, grid)
-                lo = hi
-        lanes[:] = 0.0
-        for i in range(m):
-            c = cs[i]
-            near[b, i] = c
-            dv = ((xs[i, 0] - q[g, c, 0]) * nrm[g, c, 0] + (xs[i, 1] - q[g, c, 1]) * nrm[g, c, 1]
-                  + (xs[i, 2] - q[g, c, 2]) * nrm[g, c, 2])
-            dist[b, i] = dv
-            d64 = np.float64(dv)
-            lanes[i & 7] += d64 * d64
-        ss[b] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
-    return near, dist, ss
