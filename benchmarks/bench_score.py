@@ -3,7 +3,7 @@
 Builds the A-E test case at full size from the BFM: ``--n-identities`` references (random shape and
 expression coefficients from the BFM statistics, seeded) with 3 predictions each (other random
 faces, drawn closer to the mean as regressed predictions are), 53,215 vertices each. Times
-``v2m_bench.icp.icp_scores`` (global ICP + the six part ICPs of ``topology.bfm_regions``): wall
+``v2m_bench.metrics.icp_scores`` (global ICP + the six part ICPs of ``topology.bfm_regions``): wall
 time, CPU time and peak RSS. When ``import open3d`` works, also times Open3D's point-to-plane ICP
 (``registration_icp`` with ``TransformationEstimationPointToPlane``, the same initial alignment,
 the same iteration cap, target normals = the same area-weighted vertex normals), mesh by mesh on
@@ -109,13 +109,13 @@ def main(argv=None) -> int:
                     help="std of the predictions' coefficients, in BFM standard deviations (references: 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engine", default="auto", choices=["auto", "numba", "kdtree"],
-                    help="exhaustive nearest-vertex search of v2m_bench.icp (auto: numba when it imports)")
+                    help="exhaustive nearest-vertex search of v2m_bench.metrics.icp (auto: numba when it imports)")
     ap.add_argument("--compare-engines", action="store_true",
                     help="also time the other engine on the same case and compare the scores")
     args = ap.parse_args(argv)
 
     from v2m_bench import load_bfm
-    from v2m_bench.icp import DEFAULT_ICP_CONFIG, icp_scores
+    from v2m_bench.metrics import DEFAULT_ICP_CONFIG, icp_scores
     from v2m_bench.topology import bfm_regions
 
     from v2m_bench.errors import BFMNotFoundError
@@ -141,9 +141,14 @@ def main(argv=None) -> int:
           f"(built in {t_build:.1f} s; RSS with the data {rss_data:.0f} MB); regions "
           + ", ".join(f"{k} {int(v.sum())}" for k, v in regions.items()))
 
-    from v2m_bench.icp import _exact_engine
-
-    engine = "numba" if (args.engine != "kdtree" and _exact_engine(args.engine) is not None) else "kdtree"
+    try:
+        import numba  # noqa: F401 - the compiled engine needs it
+    except ImportError:
+        if args.engine == "numba":
+            raise SystemExit("error: engine numba: numba is not installed (pip install numba)") from None
+        engine = "kdtree"
+    else:
+        engine = "kdtree" if args.engine == "kdtree" else "numba"
     # compile (or load from numba's cache) before timing: a one-off per installation, reported apart
     w0 = time.perf_counter()
     icp_scores(preds[:1], refs[:1], model.triangles, regions, engine=engine)
@@ -162,7 +167,7 @@ def main(argv=None) -> int:
         rel = max(float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300))) for a, b in pairs)
         print(f"engine {other}: wall {w_other:.2f} s, CPU {c_other:.2f} s; RMSEs (global and parts) "
               + ("identical" if same else f"differ from {engine} by at most {rel:.1e} relative"))
-    print(f"v2m_bench.icp.icp_scores ({engine}; global + {len(regions)} part ICPs): wall {wall:.2f} s, CPU {cpu:.2f} s, "
+    print(f"v2m_bench.metrics.icp_scores ({engine}; global + {len(regions)} part ICPs): wall {wall:.2f} s, CPU {cpu:.2f} s, "
           f"{wall / len(preds) * 1e3:.1f} ms per prediction; peak RSS {rss_peak:.0f} MB "
           f"(+{rss_peak - rss_data:.0f} MB over the data)")
     print(f"  global RMSE mean {glob.rmse.mean():.4f} mm (min {glob.rmse.min():.4f}, max {glob.rmse.max():.4f}); "

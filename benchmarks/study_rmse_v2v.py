@@ -16,7 +16,7 @@ that), as a landmark fit is. Predictors, ``--predictions`` per identity:
   vertex.
 
 Each predictor is scored against the references with the ICP point-to-plane RMSE
-(:func:`v2m_bench.icp.icp_scores`) and :func:`v2m_bench.metrics.rmse_v2v`, and against the true
+(:func:`v2m_bench.metrics.icp_scores`) and :func:`v2m_bench.metrics.rmse_v2v`, and against the true
 faces with RMSE_v2v (the true error). Prints one row per predictor (identity macro means, mm)
 and Kendall's tau between each metric's ranking of the predictors and the true error's.
 
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
 
     from v2m_bench import load_bfm
     from v2m_bench.errors import BFMNotFoundError
-    from v2m_bench.icp import icp_scores
+    from v2m_bench.metrics import icp_scores
     from v2m_bench.metrics import rmse_v2v
     from v2m_data.synth import sample_shapes
 

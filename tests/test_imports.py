@@ -24,12 +24,18 @@ SCRIPT = textwrap.dedent(
     import numpy as np
     import v2m_bench
     # every public module of the package imports
+    importlib = __import__("importlib")
     for m in pkgutil.iter_modules(v2m_bench.__path__):
         if not m.name.startswith("_"):
-            importlib = __import__("importlib")
             importlib.import_module(f"v2m_bench.{{m.name}}")
     from v2m_bench import metrics
-    from v2m_bench.icp import icp_rmse
+    from v2m_bench.metrics import icp_rmse
+    # every module of the metrics package but the numba kernels imports too
+    for m in pkgutil.walk_packages(metrics.__path__, "v2m_bench.metrics."):
+        if m.name.rsplit(".", 1)[1] not in ("kernels", "grid_kernels", "score_kernels"):
+            importlib.import_module(m.name)
+    import v2m_bench.icp
+    assert v2m_bench.icp.icp_scores is metrics.icp_scores
 
     rng = np.random.default_rng(0)
     n = 12
@@ -80,3 +86,23 @@ def test_the_data_and_model_packages_name_their_entry_points():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_private_metric_modules_are_used_only_inside_the_metrics_package():
+    """``v2m_bench.metrics._icp`` and ``_checks`` are one unit with the metric modules: no other
+    package module imports them (tests may)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"metrics\._|from \.+_icp|from \.+_checks|_nnkernel|from [\w.]*(metrics|icp)[\w.]* import \(?_")
+    inside = root / "v2m_bench" / "metrics"
+    offenders = []
+    for folder in ("v2m_bench", "v2m_data", "v2m_models", "cli", "benchmarks"):
+        for path in (root / folder).rglob("*.py"):
+            if inside in path.parents:
+                continue
+            for i, line in enumerate(path.read_text().splitlines(), 1):
+                if pattern.search(line):
+                    offenders.append(f"{path.relative_to(root)}:{i}: {line.strip()}")
+    assert not offenders, offenders

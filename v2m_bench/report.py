@@ -105,7 +105,7 @@ def vertex_errors(rows, references, model, *, config: ScoreConfig | None = None,
     -------
     VertexErrors
     """
-    from .icp import icp_scores
+    from .metrics.icp import icp_scores
     from .formats import check_face_meshes
     from .fileio import progress
     from .scoring import iter_chunks

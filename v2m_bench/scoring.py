@@ -103,7 +103,7 @@ class ScoreConfig:
     device : str, optional
         A torch device for the ICP ("cuda", "cpu"); None uses numpy.
     engine : {None, "auto", "numba", "kdtree"}
-        The ICP implementation (:func:`v2m_bench.icp.icp_scores`): numba (the default when it
+        The ICP implementation (:func:`v2m_bench.metrics.icp_scores`): numba (the default when it
         imports) runs the compiled pipeline, kdtree the numpy one with scipy k-d trees; both
         find the same nearest vertices and agree to rounding (RMSEs to about 1e-12 relative);
         numba is several times faster.
@@ -302,7 +302,7 @@ def score_vertices(pred, ref, model, regions: Mapping[str, np.ndarray], *, ref_i
     ref_index : ndarray of int, shape (B,), optional
         Which reference each prediction is scored against; ``arange(B)`` (R == B) if omitted.
     with_scale, device, threads, engine, plan
-        Passed to :func:`v2m_bench.icp.icp_scores` (``with_scale`` also to
+        Passed to :func:`v2m_bench.metrics.icp_scores` (``with_scale`` also to
         :func:`v2m_bench.metrics.rmse_v2v`).
     return_distances : bool
         Also return ``"distances"``: the signed per-vertex point-to-plane distances (B, N) in mm
@@ -314,7 +314,7 @@ def score_vertices(pred, ref, model, regions: Mapping[str, np.ndarray], *, ref_i
         Keyed by :data:`METRIC_NAMES`; ratios unitless, RMSEs in millimetres.
     """
     from . import metrics
-    from .icp import icp_scores
+    from .metrics.icp import icp_scores
 
     pred = np.asarray(pred)
     ref = np.asarray(ref)
@@ -532,7 +532,7 @@ def score(predictions, references, model=None, *, baseline=None, config: ScoreCo
     """
     from .bfm import MorphableModel, load_bfm
     from .formats import check_coverage, read_predictions, read_references
-    from .icp import icp_plan
+    from .metrics.icp import icp_plan
     from .provenance import fingerprint, provenance
 
     config = config or ScoreConfig()
@@ -607,7 +607,7 @@ def _chance_key(ref_fp: str, model, regions, config: ScoreConfig) -> str:
     import hashlib
     import importlib.util
 
-    from .icp import DEFAULT_ICP_CONFIG
+    from .metrics.icp import DEFAULT_ICP_CONFIG
     from .provenance import METRIC_DEFINITION_VERSION, model_fingerprint
     from .topology import region_checksum
 

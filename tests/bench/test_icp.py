@@ -1,4 +1,4 @@
-"""ICP point-to-plane RMSE and part RMSE (v2m_bench.icp)."""
+"""ICP point-to-plane RMSE and part RMSE (v2m_bench.metrics.icp and its engines in v2m_bench.metrics._icp)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ from scipy.spatial.transform import Rotation
 
 from v2m_bench.errors import ValidationError
 from v2m_bench.geometry import vertex_normals
-from v2m_bench.icp import (
+from v2m_bench.metrics._icp import plan as icp_plan_mod
+from v2m_bench.metrics._icp import search as icp_search
+from v2m_bench.metrics._icp.algebra import rowsum
+from v2m_bench.metrics._icp.walk import normals32
+from v2m_bench.metrics.icp import (
     DEFAULT_ICP_CONFIG,
     IcpConfig,
-    _normals32,
     icp_rmse,
     icp_scores,
     iteration_vertices,
@@ -161,7 +164,7 @@ def test_distances_and_nearest_are_consistent(small_model):
 def test_normals_match_geometry_vertex_normals(small_model):
     v = _faces(small_model, 1, 4)[0]
     v = v - v.mean(axis=0)
-    np.testing.assert_allclose(_normals32(v.astype(np.float32), small_model.triangles),
+    np.testing.assert_allclose(normals32(v.astype(np.float32), small_model.triangles),
                                vertex_normals(v.astype(np.float64), small_model.triangles), atol=2e-6)
 
 
@@ -382,8 +385,6 @@ def _brute_nearest(points, q):
 @pytest.mark.parametrize("engine", ["numba", "kdtree"])
 def test_exhaustive_engines_find_the_exact_nearest_vertex(engine):
     pytest.importorskip("numba") if engine == "numba" else None
-    from v2m_bench import icp as icp_mod
-
     v, tri = _folded_sheet()
     n = v.shape[0]
     rng = np.random.default_rng(3)
@@ -392,9 +393,9 @@ def test_exhaustive_engines_find_the_exact_nearest_vertex(engine):
     pts = q32[0][rng.integers(0, n, 2000)] + rng.normal(scale=[2_000, 2_000, 1_200], size=(2000, 3))
     pts = np.concatenate([pts, rng.normal(scale=60_000, size=(200, 3)), q32[0][:5]]).astype(np.float32)
     start = rng.integers(0, n, pts.shape[0])
-    plan = icp_mod._make_plan(tri.astype(np.int64), n, {}, DEFAULT_ICP_CONFIG)
-    kernel = icp_mod._exact_engine(engine)
-    search = icp_mod._make_trees(q32, plan.glob.graph.nbr, kernel, DEFAULT_ICP_CONFIG.max_walk_steps)
+    plan = icp_plan_mod.make_plan(tri.astype(np.int64), n, {}, DEFAULT_ICP_CONFIG)
+    kernels = icp_search.exact_engine(engine)
+    search = icp_search.make_search(q32, plan.whole.graph.nbr, kernels, DEFAULT_ICP_CONFIG.max_walk_steps)
     got = search.query(pts[None], np.array([0]), start[None])[0]
     want = _brute_nearest(pts, q32[0])
     if engine == "numba":
@@ -412,8 +413,7 @@ def test_score_kernel_finds_the_exact_nearest_vertex():
     gathered candidate list (float32 counts): the same answers as brute force, ties to the lowest
     id included, where the walk ends on the wrong sheet of a fold or on a duplicated vertex, and
     for points far outside the grid (grouped with its edge columns)."""
-    nnk = pytest.importorskip("v2m_bench._nnkernel")
-    from v2m_bench import icp as icp_mod
+    nnk = pytest.importorskip("v2m_bench.metrics._icp.kernels")
 
     v, tri = _folded_sheet()
     n = v.shape[0]
@@ -423,16 +423,17 @@ def test_score_kernel_finds_the_exact_nearest_vertex():
     on_copies = q32[0][np.repeat(np.arange(5), 20)] + rng.normal(scale=30.0, size=(100, 3))  # exact ties
     far = rng.normal(scale=60_000, size=(100, 3))
     pts = np.concatenate([near_sheet, on_copies, far, q32[0][:5]]).astype(np.float32)
-    plan = icp_mod._make_plan(tri.astype(np.int64), n, {}, DEFAULT_ICP_CONFIG)
-    nbr = plan.glob.graph.nbr
+    plan = icp_plan_mod.make_plan(tri.astype(np.int64), n, {}, DEFAULT_ICP_CONFIG)
+    nbr = plan.whole.graph.nbr
     nrm = nnk.normals32(q32, tri.astype(np.int64))
-    grid = nnk.build_grids(q32, icp_mod._GRID_CELL)
-    near, d, ss = nnk.score_exact(np.ascontiguousarray(pts[None]), np.ascontiguousarray(np.eye(3)[None]), np.ones(1),
-                                  np.zeros((1, 3)), np.zeros(1, np.int64), q32, nrm, nbr, *grid, DEFAULT_ICP_CONFIG.max_walk_steps)
+    grid = nnk.build_grids(q32, icp_search.GRID_CELL)
+    pose = (np.ascontiguousarray(np.eye(3)[None]), np.ones(1), np.zeros((1, 3)))
+    near, d, ss = nnk.score_exact(np.ascontiguousarray(pts[None]), pose, np.zeros(1, np.int64), (q32, nrm, nbr), grid,
+                                  DEFAULT_ICP_CONFIG.max_walk_steps)
     want = _brute_nearest(pts, q32[0])
     np.testing.assert_array_equal(near[0], want)
     np.testing.assert_array_equal(d[0], ((pts - q32[0][want]) * nrm[0][want]).sum(1, dtype=np.float32))
-    np.testing.assert_array_equal(ss, icp_mod._rowsum(d.astype(np.float64) ** 2))  # the RMSE's sum, same order
+    np.testing.assert_array_equal(ss, rowsum(d.astype(np.float64) ** 2))  # the RMSE's sum, same order
     # not trivially satisfied: the walk alone misses on the fold, and copies tie exactly
     walk = nearest_vertices(pts, q32[0], tri, start=np.arange(pts.shape[0]) % n)[0]
     assert (walk != want).sum() > 20
@@ -496,37 +497,36 @@ def test_compiled_pipeline_matches_the_numpy_one_in_every_mode(small_model):
 def test_engine_choice_is_validated_and_falls_back_without_numba(small_model, monkeypatch):
     import sys
 
-    from v2m_bench import icp as icp_mod
-
     ref = _faces(small_model, 1, seed=1)
     with pytest.raises(ValidationError, match="engine"):
         icp_rmse(ref, ref, small_model.triangles, engine="fast")
-    monkeypatch.setitem(sys.modules, "v2m_bench._nnkernel", None)  # as if numba were not installed
-    assert icp_mod._exact_engine(None) is None
+    monkeypatch.setitem(sys.modules, "v2m_bench.metrics._icp.kernels", None)  # as if numba were not installed
+    assert icp_search.exact_engine(None) is None
     with pytest.raises(ValidationError, match="numba is not installed"):
         icp_rmse(ref, ref, small_model.triangles, engine="numba")
     pred = _faces(small_model, 1, seed=2)
     fallback = icp_rmse(pred, ref, small_model.triangles).rmse
-    monkeypatch.delitem(sys.modules, "v2m_bench._nnkernel")
+    monkeypatch.delitem(sys.modules, "v2m_bench.metrics._icp.kernels")
     np.testing.assert_array_equal(fallback, icp_rmse(pred, ref, small_model.triangles, engine="kdtree").rmse)
 
 
 def test_ball_search_bounds_the_second_nearest_vertex():
-    """``_search_ball`` (the part ICPs' searches that let a point be re-used while it moves less
+    """``search_ball`` (the part ICPs' searches that let a point be re-used while it moves less
     than half the gap to its second-nearest vertex): exact nearest vertex within the radius, and a
     second-nearest bound that is never above the truth; checked by brute force on the folded
     sheet with duplicated vertices."""
-    nnk = pytest.importorskip("v2m_bench._nnkernel")
+    nnk = pytest.importorskip("v2m_bench.metrics._icp.grid_kernels")
     v, tri = _folded_sheet()
     q32 = (v - v.mean(0)).astype(np.float32)[None]
     rng = np.random.default_rng(5)
     pts = (q32[0][rng.integers(0, v.shape[0], 1500)] + rng.normal(scale=[2_000, 2_000, 1_200], size=(1500, 3))).astype(np.float32)
-    axes, origin, dims, cell, starts, items, coords = nnk.build_grids(q32, 5.0)
+    grid = nnk.build_grids(q32, 5.0)
+    axes = grid[0]
     qq = q32[0].astype(np.float64)
     n_ties = n_found = 0
     for x, r0 in zip(pts.astype(np.float64), rng.uniform(500.0, 6_000.0, pts.shape[0])):
         y = x[axes[0]]
-        c, d2, lb2 = nnk._search_ball(y[0], y[1], y[2], r0, 0, origin, dims, cell, starts, items, coords)
+        c, d2, lb2 = nnk.search_ball(y[0], y[1], y[2], r0, 0, grid)
         dist = ((x - qq) ** 2).sum(1)
         order = np.lexsort((np.arange(dist.size), dist))
         if dist[order[0]] <= r0 * r0:
@@ -542,7 +542,7 @@ def test_ball_search_bounds_the_second_nearest_vertex():
 
 def test_point_reuse_in_the_part_icps_does_not_change_results(small_model, monkeypatch):
     pytest.importorskip("numba")
-    from v2m_bench import icp as icp_mod
+    from v2m_bench.metrics._icp import compiled_engine
 
     ref = _faces(small_model, 2, seed=31)
     pred = _faces(small_model, 6, seed=32, scale=0.6)
@@ -550,7 +550,7 @@ def test_point_reuse_in_the_part_icps_does_not_change_results(small_model, monke
     regions = {"left": small_model.mean[:, 0] > 0, "top": small_model.mean[:, 1] > 0}
     out = []
     for margin in (0.0, 0.2, 1.0):
-        monkeypatch.setattr(icp_mod, "_CERT_MARGIN_MM", margin)
+        monkeypatch.setattr(compiled_engine, "CERT_MARGIN_MM", margin)
         out.append(icp_scores(pred, ref, small_model.triangles, regions, group=group, engine="numba", return_distances=True)[1])
     for other in out[1:]:
         for k in regions:
@@ -562,7 +562,7 @@ def test_point_reuse_in_the_part_icps_does_not_change_results(small_model, monke
 def test_compiled_kernels_compile_once_whatever_the_batch(small_model):
     """Arrays reach the kernels in one layout, so a user's first run compiles each kernel once
     (about 15 s in all), not once per batch shape (a (1, S) array is also Fortran-ordered)."""
-    nnk = pytest.importorskip("v2m_bench._nnkernel")
+    nnk = pytest.importorskip("v2m_bench.metrics._icp.kernels")
     ref = _faces(small_model, 2, seed=41)
     pred = _faces(small_model, 6, seed=42, scale=0.6)
     regions = {"left": small_model.mean[:, 0] > 0}
@@ -579,10 +579,10 @@ def test_compiled_kernels_compile_once_whatever_the_batch(small_model):
 
 @pytest.mark.parametrize("ncols", [300, 30])  # ~17 vertices per column (insertion sort), ~170 (merge sort)
 def test_column_grid_orders_vertices_by_column_then_depth_then_id(ncols):
-    nnk = pytest.importorskip("v2m_bench._nnkernel")
+    nnk = pytest.importorskip("v2m_bench.metrics._icp.grid_kernels")
     rng = np.random.default_rng(0)
     key = rng.integers(0, ncols, 5000)
     depth = rng.integers(0, 20, 5000).astype(np.float32)  # many equal depths: ids break the ties
-    starts, items = nnk._column_sort(key, depth, ncols)
+    starts, items = nnk.column_sort(key, depth, ncols)
     np.testing.assert_array_equal(items, np.lexsort((np.arange(5000), depth, key)))
     np.testing.assert_array_equal(np.diff(starts), np.bincount(key, minlength=ncols))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from v2m_bench.errors import ValidationError
-from v2m_bench.icp import DEFAULT_ICP_CONFIG, icp_plan, icp_scores
+from v2m_bench.metrics import DEFAULT_ICP_CONFIG, icp_plan, icp_scores
 
 
 def _faces(model, n, seed, scale=1.0):

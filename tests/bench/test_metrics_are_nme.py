@@ -136,6 +136,29 @@ def test_metrics_reject_bad_shapes():
         nme_official(np.zeros((2, N, 3)) + 1, np.zeros((3, N, 3)) + 1)
 
 
+@pytest.mark.parametrize("name", ["are", "nme", "nme_official", "rmse_v2v", "icp_rmse"])
+def test_every_metric_checks_its_meshes_with_the_same_messages(name):
+    """One set of input checks: the same message, naming the argument, from every metric."""
+    from v2m_bench import metrics
+
+    fn = getattr(metrics, name)
+    if name == "icp_rmse":  # the ICP also takes the triangles (checked after the meshes)
+        fn = lambda p, r, _f=fn: _f(p, r, np.array([[0, 1, 2]]))  # noqa: E731
+    v = np.zeros((N, 3))
+    with pytest.raises(ValidationError, match=r"^pred: expected a mesh of shape \(N, 3\) or a batch of shape \(B, N, 3\)"):
+        fn(v[:, :2], v)
+    with pytest.raises(ValidationError, match="^ref: expected numeric coordinates, found dtype bool"):
+        fn(v, v.astype(bool))
+    with pytest.raises(ValidationError, match=rf"^ref: expected {N} vertices \(as in pred\), found {N - 1}"):
+        fn(v, v[:-1])
+    if name != "icp_rmse":  # the ICP pairs predictions with references through group=
+        with pytest.raises(ValidationError, match=r"^ref: expected 1 or 2 meshes \(as in pred\), found 3"):
+            fn(np.stack([v, v]), np.stack([v, v, v]))
+    if name in ("are", "nme", "nme_official"):
+        with pytest.raises(ValidationError, match="^pred: the meshes have 100 vertices, the metric reads vertex"):
+            fn(np.zeros((100, 3)), np.zeros((100, 3)))
+
+
 # ----------------------------------------------------------------------------- on the BFM
 
 

@@ -81,7 +81,7 @@ def test_regions_are_aligned_on_their_own():
 
 
 def test_never_below_the_icp_rmse(bfm):
-    from v2m_bench.icp import icp_scores
+    from v2m_bench.metrics import icp_scores
 
     rng = np.random.default_rng(4)
     ref = bfm.vertices((rng.normal(size=(2, 40)) * bfm.shape_std).astype(np.float32), np.tile(bfm.expression_mean, (2, 1)))
