@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 BLOCKED = ("torch", "numba", "pandas", "matplotlib", "tqdm", "librosa", "cv2", "click", "v2m_data", "v2m_models")
 
@@ -106,3 +107,21 @@ def test_private_metric_modules_are_used_only_inside_the_metrics_package():
                 if pattern.search(line):
                     offenders.append(f"{path.relative_to(root)}:{i}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_every_package_folder_is_installed():
+    """A package folder missing from pyproject's explicit list would be left out of a wheel."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    conf = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(conf["packages"])
+    dirs = {name: root / folder for name, folder in conf.get("package-dir", {}).items()}
+    found = set()
+    for top in ("v2m_bench", "v2m_data", "v2m_models", "v2m_cli"):
+        base = dirs.get(top, root / top)
+        for init in base.rglob("__init__.py"):
+            rel = init.parent.relative_to(base)
+            found.add(".".join((top, *rel.parts)))
+    assert found - listed == set(), f"package folders missing from pyproject's packages: {sorted(found - listed)}"
+    assert listed - found == set(), f"listed packages with no folder: {sorted(listed - found)}"
