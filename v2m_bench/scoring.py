@@ -568,9 +568,7 @@ def score(predictions, references, model=None, *, baseline=None, config: ScoreCo
     from .topology import REGION_NAMES
 
     if regions is None:
-        from .topology import bfm_regions
-
-        regions = bfm_regions(model)
+        regions = _model_regions(model)
     elif sorted(regions) != sorted(REGION_NAMES):
         raise ValidationError(f"expected the benchmark's six parts {', '.join(REGION_NAMES)}, got "
                               f"{', '.join(map(str, regions)) or 'none'} (for other parts use metrics.part_rmse)",
@@ -623,6 +621,47 @@ def _check_expected(ref_fp: str, expected: str | None, refs) -> None:
     if not ref_fp.startswith(want):
         raise ValidationError(f"references have fingerprint {ref_fp}, not the expected {want}",
                               path=getattr(refs, "path", None))
+
+
+# ------------------------------------------------------------------------------ regions cache
+def _model_regions(model) -> dict:
+    """:func:`v2m_bench.topology.bfm_regions` of ``model``, kept in the user cache
+    (``<cache>/regions/``, keyed by the mean shape, triangles, keypoints and the source of the
+    region definition), so later runs skip the hull and normal computations and their imports."""
+    import hashlib
+
+    from . import geometry, topology
+    from .bfm import default_cache_dir
+
+    h = hashlib.sha256(b"voice2mesh regions\n")
+    for a, dt in ((model.mean, "<f4"), (model.triangles, "<i8"), (model.keypoints, "<i8")):
+        a = np.ascontiguousarray(a, dtype=dt)
+        h.update(repr(a.shape).encode())
+        h.update(a.tobytes())
+    for mod in (topology, geometry):  # the definition: any change to it makes a new key
+        h.update(Path(mod.__file__).read_bytes())
+    key = h.hexdigest()
+    path = default_cache_dir() / "regions" / f"regions-{key[:32]}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) == key:
+                masks = {k: np.asarray(z[f"mask_{k}"]) for k in topology.REGION_NAMES}
+                if all(m.dtype == bool and m.shape == (model.n_vertices,) for m in masks.values()):
+                    return masks
+    except (OSError, KeyError, ValueError):
+        pass
+    masks = topology.bfm_regions(model)
+    import io
+
+    from .fileio import write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, key=np.array(key), **{f"mask_{k}": v for k, v in masks.items()})
+    try:
+        write_bytes(path, buf.getvalue())
+    except (OSError, ValidationError):  # a read-only or odd cache folder: the regions stand without it
+        pass
+    return masks
 
 
 # ------------------------------------------------------------------------------ mean-face cache
