@@ -100,13 +100,13 @@ def test_never_below_the_icp_rmse(bfm):
     assert np.all(scaled <= v2v + 1e-12)
 
 
-@pytest.mark.parametrize("with_scale", [False, True])
-def test_a_part_equals_the_metric_on_its_own_vertices(with_scale):
-    """Each part's value is exactly (bit for bit) the metric of the part's vertices alone, for a
-    float32 batch as the scoring passes it."""
+@pytest.mark.parametrize("with_scale, dtype", [(False, np.float32), (True, np.float32), (False, np.float64)])
+def test_a_part_equals_the_metric_on_its_own_vertices(with_scale, dtype):
+    """Each part's value is exactly (bit for bit) the metric of the part's vertices alone (for a
+    float32 batch as the scoring passes it, and float64)."""
     rng = np.random.default_rng(8)
-    ref = np.stack([_face(rng, 2500) for _ in range(4)]).astype(np.float32)
-    pred = (ref @ _rotation(rng).T + rng.normal(scale=400.0, size=ref.shape)).astype(np.float32)
+    ref = np.stack([_face(rng, 2500) for _ in range(4)]).astype(dtype)
+    pred = (ref @ _rotation(rng).T + rng.normal(scale=400.0, size=ref.shape)).astype(dtype)
     masks = {"a": ref[0, :, 0] > 20_000, "b": ref[0, :, 1] < -30_000, "c": rng.random(2500) < 0.1}
     glob, parts = rmse_v2v(pred, ref, regions=masks, with_scale=with_scale)
     assert np.array_equal(glob, rmse_v2v(pred, ref, with_scale=with_scale))
