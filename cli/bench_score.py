@@ -38,8 +38,9 @@ def command(predictions, references, bfm, json_out, csv_out, baseline, bootstrap
     """Score PREDICTIONS (a predictions.h5) against the benchmark references.
 
     Prints ER, FR, MR, CR, their mean (ARE), NME, the ICP point-to-plane RMSE, the vertex-to-vertex
-    RMSE and the six part RMSEs, each with a 95% bootstrap interval over identities, next to the
-    mean-face predictor, and the references' content fingerprint.
+    RMSE, the six part RMSEs and the six part vertex-to-vertex RMSEs, each with a 95% bootstrap
+    interval over identities, next to the mean-face predictor, and the references' content
+    fingerprint.
 
     \b
     Example:

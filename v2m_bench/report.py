@@ -64,6 +64,12 @@ _METRIC_LABELS = {
     "RMSE_mouth": "RMSE mouth",
     "RMSE_left_cheek": "RMSE left cheek",
     "RMSE_right_cheek": "RMSE right cheek",
+    "RMSE_v2v_left_eye": "RMSE vertex-to-vertex, left eye",
+    "RMSE_v2v_right_eye": "RMSE vertex-to-vertex, right eye",
+    "RMSE_v2v_nose": "RMSE vertex-to-vertex, nose",
+    "RMSE_v2v_mouth": "RMSE vertex-to-vertex, mouth",
+    "RMSE_v2v_left_cheek": "RMSE vertex-to-vertex, left cheek",
+    "RMSE_v2v_right_cheek": "RMSE vertex-to-vertex, right cheek",
 }
 
 #: Region colours of the region figure (the colours of docs/img/regions_*.png).
@@ -346,7 +352,7 @@ def _score_table(report, base_report, model_label, base_label) -> str:
             c = report.chance[name]
             cells += [_td(_num(c.value), "chance"), _td(_ci(c), "chance_ci")]
         cells += [_td(_num(PAPER_RESULTS[k].get(name, np.nan)), f"paper_{k}", "num paper") for k in PAPER_COLUMNS]
-        sep = ' class="group-end"' if name in ("ARE_mean", "RMSE") else ""
+        sep = ' class="group-end"' if name in ("ARE_mean", "RMSE", "RMSE_right_cheek") else ""
         rows.append(f'<tr data-metric="{_e(name)}"{sep}>' + "".join(cells) + "</tr>")
     return ('<table id="scores"><thead><tr>' + "".join(head) + "</tr></thead><tbody>\n" + "\n".join(rows)
             + "\n</tbody></table>")

@@ -47,12 +47,16 @@ REGION_METRICS = (
     "RMSE_right_cheek",
 )
 
-#: Metric names, in the order of the paper's tables (RMSE_v2v, not in the paper, after RMSE).
-METRIC_NAMES = ("ER", "FR", "MR", "CR", "ARE_mean", "NME", "RMSE", "RMSE_v2v") + REGION_METRICS
+#: The vertex-to-vertex RMSE of each part (each part aligned on its own vertices).
+V2V_REGION_METRICS = tuple("RMSE_v2v_" + k[len("RMSE_"):] for k in REGION_METRICS)
+
+#: Metric names, in the order of the paper's tables (RMSE_v2v, not in the paper, after RMSE; its
+#: six parts, not in the paper either, after the part RMSEs).
+METRIC_NAMES = ("ER", "FR", "MR", "CR", "ARE_mean", "NME", "RMSE", "RMSE_v2v") + REGION_METRICS + V2V_REGION_METRICS
 
 #: Units of each metric (ratios are unitless; RMSEs are millimetres).
 METRIC_UNITS = {**{k: "" for k in ("ER", "FR", "MR", "CR", "ARE_mean", "NME")},
-                **{k: "mm" for k in ("RMSE", "RMSE_v2v") + REGION_METRICS}}
+                **{k: "mm" for k in ("RMSE", "RMSE_v2v") + REGION_METRICS + V2V_REGION_METRICS}}
 
 #: Below this many identities the table and the JSON carry a caveat beside the intervals.
 SMALL_SAMPLE = 30
@@ -249,9 +253,9 @@ class Report:
         widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
         lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [head] + rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        for sep_after in ("ARE_mean", "RMSE_v2v"):
+        for j, sep_after in enumerate(("ARE_mean", "RMSE_v2v", REGION_METRICS[-1])):
             k = 2 + METRIC_NAMES.index(sep_after)
-            lines.insert(k + 1 + (sep_after != "ARE_mean"), "")
+            lines.insert(k + 1 + j, "")
         cover = f"identities scored: {self.n_identities}, predictions: {self.n_predictions}, missing: {len(self.missing)}"
         tail = ["", cover] + [f"note: {c}" for c in self.caveats]
         if self.provenance.get("references_sha256"):
@@ -311,9 +315,9 @@ def score_vertices(pred, ref, model, regions: Mapping[str, np.ndarray], *, ref_i
     Returns
     -------
     dict of str to ndarray (B,)
-        Keyed by :data:`METRIC_NAMES`; ratios unitless, RMSEs in millimetres.
+        Keyed by :data:`METRIC_NAMES`; ratios unitless, RMSEs in millimetres (``RMSE_v2v_<part>``:
+        :func:`v2m_bench.metrics.rmse_v2v` on the part's vertices, the part aligned on its own).
     """
-    from . import metrics
     from .metrics.icp import icp_scores
 
     pred = np.asarray(pred)
@@ -321,6 +325,19 @@ def score_vertices(pred, ref, model, regions: Mapping[str, np.ndarray], *, ref_i
     if ref_index is None:
         ref_index = np.arange(pred.shape[0])
     ref_index = np.asarray(ref_index)
+    out = _direct_metrics(pred, ref, ref_index, model, regions, with_scale=with_scale)
+    glob, parts = icp_scores(pred, ref, model.triangles, regions, group=ref_index, with_scale=with_scale, device=device,
+                             threads=threads, engine=engine, plan=plan, return_distances=return_distances)
+    out.update(_icp_metrics(glob, parts))
+    if return_distances:
+        out["distances"] = glob.distances
+    return out
+
+
+def _direct_metrics(pred, ref, ref_index, model, regions, *, with_scale: bool) -> dict:
+    """The metrics that need no registration search: ARE, NME, RMSE_v2v and its parts (B,) each."""
+    from . import metrics
+
     ref_b = ref[ref_index]
     out = {}
     are = metrics.are(pred, ref_b)
@@ -328,16 +345,23 @@ def score_vertices(pred, ref, model, regions: Mapping[str, np.ndarray], *, ref_i
         out[k] = are[k]
     out["ARE_mean"] = are["mean"]
     out["NME"] = metrics.nme_official(pred, ref_b, model.keypoints)
-    glob, parts = icp_scores(pred, ref, model.triangles, regions, group=ref_index, with_scale=with_scale, device=device,
-                             threads=threads, engine=engine, plan=plan, return_distances=return_distances)
-    out["RMSE"] = np.asarray(glob.rmse)
-    out["RMSE_v2v"] = np.concatenate([  # in slices: float64 temporaries of a few meshes at a time
-        metrics.rmse_v2v(pred[lo : lo + _V2V_ROWS], ref_b[lo : lo + _V2V_ROWS], with_scale=with_scale).reshape(-1)
-        for lo in range(0, pred.shape[0], _V2V_ROWS)]) if pred.shape[0] else np.empty(0)
-    if return_distances:
-        out["distances"] = glob.distances
-    for name in ("left_eye", "right_eye", "nose", "mouth", "left_cheek", "right_cheek"):
-        out[f"RMSE_{name}"] = np.asarray(parts[name].rmse)
+    names = [k[len("RMSE_v2v_"):] for k in V2V_REGION_METRICS]
+    v2v = {k: [] for k in ("RMSE_v2v",) + V2V_REGION_METRICS}
+    for lo in range(0, pred.shape[0], _V2V_ROWS):  # in slices: float64 temporaries of a few meshes at a time
+        g, part = metrics.rmse_v2v(pred[lo : lo + _V2V_ROWS], ref_b[lo : lo + _V2V_ROWS], with_scale=with_scale,
+                                   regions={k: regions[k] for k in names})
+        v2v["RMSE_v2v"].append(np.reshape(g, -1))
+        for k in names:
+            v2v["RMSE_v2v_" + k].append(np.reshape(part[k], -1))
+    for k, v in v2v.items():
+        out[k] = np.concatenate(v) if v else np.empty(0)
+    return out
+
+
+def _icp_metrics(glob, parts) -> dict:
+    out = {"RMSE": np.asarray(glob.rmse)}
+    for k in REGION_METRICS:
+        out[k] = np.asarray(parts[k[len("RMSE_"):]].rmse)
     return out
 
 
@@ -544,9 +568,7 @@ def score(predictions, references, model=None, *, baseline=None, config: ScoreCo
     from .topology import REGION_NAMES
 
     if regions is None:
-        from .topology import bfm_regions
-
-        regions = bfm_regions(model)
+        regions = _model_regions(model)
     elif sorted(regions) != sorted(REGION_NAMES):
         raise ValidationError(f"expected the benchmark's six parts {', '.join(REGION_NAMES)}, got "
                               f"{', '.join(map(str, regions)) or 'none'} (for other parts use metrics.part_rmse)",
@@ -599,6 +621,47 @@ def _check_expected(ref_fp: str, expected: str | None, refs) -> None:
     if not ref_fp.startswith(want):
         raise ValidationError(f"references have fingerprint {ref_fp}, not the expected {want}",
                               path=getattr(refs, "path", None))
+
+
+# ------------------------------------------------------------------------------ regions cache
+def _model_regions(model) -> dict:
+    """:func:`v2m_bench.topology.bfm_regions` of ``model``, kept in the user cache
+    (``<cache>/regions/``, keyed by the mean shape, triangles, keypoints and the source of the
+    region definition), so later runs skip the hull and normal computations and their imports."""
+    import hashlib
+
+    from . import geometry, topology
+    from .bfm import default_cache_dir
+
+    h = hashlib.sha256(b"voice2mesh regions\n")
+    for a, dt in ((model.mean, "<f4"), (model.triangles, "<i8"), (model.keypoints, "<i8")):
+        a = np.ascontiguousarray(a, dtype=dt)
+        h.update(repr(a.shape).encode())
+        h.update(a.tobytes())
+    for mod in (topology, geometry):  # the definition: any change to it makes a new key
+        h.update(Path(mod.__file__).read_bytes())
+    key = h.hexdigest()
+    path = default_cache_dir() / "regions" / f"regions-{key[:32]}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) == key:
+                masks = {k: np.asarray(z[f"mask_{k}"]) for k in topology.REGION_NAMES}
+                if all(m.dtype == bool and m.shape == (model.n_vertices,) for m in masks.values()):
+                    return masks
+    except (OSError, KeyError, ValueError):
+        pass
+    masks = topology.bfm_regions(model)
+    import io
+
+    from .fileio import write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, key=np.array(key), **{f"mask_{k}": v for k, v in masks.items()})
+    try:
+        write_bytes(path, buf.getvalue())
+    except (OSError, ValidationError):  # a read-only or odd cache folder: the regions stand without it
+        pass
+    return masks
 
 
 # ------------------------------------------------------------------------------ mean-face cache

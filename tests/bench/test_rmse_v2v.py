@@ -98,3 +98,19 @@ def test_never_below_the_icp_rmse(bfm):
     assert np.all(v2v > 1.2 * glob.rmse)  # nearest-vertex matching reads well below the true error
     scaled = rmse_v2v(pred, ref[group], with_scale=True)
     assert np.all(scaled <= v2v + 1e-12)
+
+
+@pytest.mark.parametrize("with_scale, dtype", [(False, np.float32), (True, np.float32), (False, np.float64)])
+def test_a_part_equals_the_metric_on_its_own_vertices(with_scale, dtype):
+    """Each part's value is exactly (bit for bit) the metric of the part's vertices alone (for a
+    float32 batch as the scoring passes it, and float64)."""
+    rng = np.random.default_rng(8)
+    ref = np.stack([_face(rng, 2500) for _ in range(4)]).astype(dtype)
+    pred = (ref @ _rotation(rng).T + rng.normal(scale=400.0, size=ref.shape)).astype(dtype)
+    masks = {"a": ref[0, :, 0] > 20_000, "b": ref[0, :, 1] < -30_000, "c": rng.random(2500) < 0.1}
+    glob, parts = rmse_v2v(pred, ref, regions=masks, with_scale=with_scale)
+    assert np.array_equal(glob, rmse_v2v(pred, ref, with_scale=with_scale))
+    for name, m in masks.items():
+        alone = rmse_v2v(pred[:, m], ref[:, m], with_scale=with_scale)
+        assert parts[name].shape == (4,) and np.array_equal(parts[name], alone), name
+        assert (parts[name] > 0.3).all()  # about 0.4 * sqrt(3) mm of noise, not zero

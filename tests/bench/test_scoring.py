@@ -162,3 +162,52 @@ def test_regions_of_other_names_are_one_clear_error(small_model, tmp_path):
     mask[:50] = True
     with pytest.raises(ValidationError, match="regions: expected the benchmark's six parts .* got forehead"):
         score(tmp_path / "p.h5", tmp_path / "r.h5", small_model, regions={"forehead": mask})
+
+
+def test_part_v2v_rmse_is_the_metric_on_each_part(bfm, tmp_path):
+    """RMSE_v2v_<part> of each identity is the mean over its predictions of
+    metrics.rmse_v2v on that part's vertices (the part aligned on its own), in every output."""
+    from v2m_bench.formats import read_predictions, read_references
+    from v2m_bench.metrics import rmse_v2v
+    from v2m_bench.scoring import V2V_REGION_METRICS
+    from v2m_bench.topology import REGION_NAMES, bfm_regions
+
+    pred, ref, _, _ = _toy(bfm, tmp_path, n=4, noise=0.5, seed=2)
+    rep = score(pred, ref, bfm, config=ScoreConfig(bootstrap=50, chance_cache=False))
+    assert V2V_REGION_METRICS == tuple(f"RMSE_v2v_{k}" for k in REGION_NAMES)
+    regions = bfm_regions(bfm)
+    p, r = read_predictions(pred), read_references(ref)
+    pv = p.to_vertices(bfm)
+    rv = r.to_vertices(bfm)[[list(r.identity).index(i) for i in p.identity]]
+    for k in REGION_NAMES:
+        want = rmse_v2v(pv[:, regions[k]], rv[:, regions[k]])
+        got = rep.per_identity[f"RMSE_v2v_{k}"]
+        for ident in got.index:
+            sel = np.asarray(p.identity) == ident
+            assert got[ident] == pytest.approx(want[sel].mean(), rel=1e-12), (k, ident)
+        assert 0.05 < rep.metrics[f"RMSE_v2v_{k}"].value < rep.chance[f"RMSE_v2v_{k}"].value
+        # a part aligned on its own fits at least as well as the whole face aligned at once
+        assert (got <= rep.per_identity["RMSE_v2v"] + 1e-9).all()
+    table = rep.table()
+    assert all(any(ln.startswith(f"RMSE_v2v_{k} (mm)") for ln in table.splitlines()) for k in REGION_NAMES)
+    js = rep.to_dict()["metrics"]["RMSE_v2v_nose"]
+    assert set(js) == {"value", "ci_low", "ci_high"} and js["value"] == rep.metrics["RMSE_v2v_nose"].value
+
+
+def test_regions_are_read_back_from_the_cache(bfm, tmp_path, monkeypatch):
+    """The default regions are kept in the user cache and read back; a damaged entry is made again."""
+    from v2m_bench.topology import bfm_regions
+
+    monkeypatch.setenv("V2M_CACHE_DIR", str(tmp_path / "cache"))
+    pred, ref, _, _ = _toy(bfm, tmp_path, n=2, seed=3)
+    first = score(pred, ref, bfm, config=ScoreConfig(bootstrap=0, chance=False))
+    files = list((tmp_path / "cache" / "regions").glob("regions-*.npz"))
+    assert len(files) == 1
+    want = bfm_regions(bfm)
+    with np.load(files[0]) as z:
+        for k, m in want.items():
+            assert np.array_equal(z[f"mask_{k}"], m), k
+    files[0].write_bytes(b"not an npz")
+    again = score(pred, ref, bfm, config=ScoreConfig(bootstrap=0, chance=False))
+    for k in METRIC_NAMES:
+        assert again.metrics[k].value == first.metrics[k].value, k

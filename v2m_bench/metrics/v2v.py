@@ -104,7 +104,8 @@ def rmse_v2v(pred, ref, *, with_scale: bool = False, regions=None, units_per_mm:
         v = np.asarray(v, dtype=np.float64)
         b, n, _ = v.shape
         m = np.matmul(np.full((1, n), 1.0 / n), v)[:, 0]  # BLAS (a strided mean is slow)
-        return v, m, np.einsum("bk,bk->b", v.reshape(b, -1), v.reshape(b, -1))
+        flat = v.reshape(b, -1)  # a copy when v is a part's gather: made once
+        return v, m, np.einsum("bk,bk->b", flat, flat)
 
     def one(pp, rr, explicit):
         pv, mp, sp = moments(pp)
@@ -143,5 +144,9 @@ def rmse_v2v(pred, ref, *, with_scale: bool = False, regions=None, units_per_mm:
         m = np.asarray(mask, dtype=bool)
         if m.shape != (p.shape[1],) or m.sum() < 3:
             raise ValidationError(f"expected a boolean mask of {p.shape[1]} vertices with at least 3 set", key=f"regions[{name!r}]")
-        parts[str(name)] = _out(one(p[:, m], r[:, m], False)[3], single)
+        # the part's vertices as p[:, m] gives them (same values, same memory layout, so the same
+        # sums to the last bit), gathered along the first axis of the transposed view: faster
+        idx = np.flatnonzero(m)
+        pm, rm = (v.transpose(1, 0, 2)[idx].transpose(1, 0, 2) for v in (p, r))
+        parts[str(name)] = _out(one(pm, rm, False)[3], single)
     return out, parts
