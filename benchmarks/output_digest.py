@@ -28,6 +28,7 @@ change of an old one), and exits 1 when any common entry differs. Needs the BFM 
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import os
@@ -137,7 +138,9 @@ def digest(work: Path) -> dict:
         doc.pop("provenance", None)
         _json(doc, f"score/{name}", out)
         lines = [ln for ln in (work / f"{name}.csv").read_text().splitlines() if not ln.startswith("#")]
-        out[f"score/{name}.csv"] = _fp(np.array(lines, dtype=object))
+        rows = list(csv.reader(lines))
+        for j, col in enumerate(rows[0]):  # per column: a new column is not a change of the others
+            out[f"score/{name}.csv[{col}]"] = _fp(np.array([r[j] for r in rows[1:]], dtype=object))
     # 4. the metric functions
     bfm = load_bfm()
     rng = np.random.default_rng(7)
@@ -167,6 +170,9 @@ def digest(work: Path) -> dict:
     return out
 
 
+_SHOWN = 12  # entries listed per side when one side has more
+
+
 def compare(a: dict, b: dict) -> int:
     a = {k: v for k, v in a.items() if not _volatile(k)}
     b = {k: v for k, v in b.items() if not _volatile(k)}
@@ -176,10 +182,11 @@ def compare(a: dict, b: dict) -> int:
           f"{len(set(b) - set(a))} only in the second")
     for k in diff:
         print(f"  differs: {k}")
-    for k in sorted(set(a) - set(b)):
-        print(f"  only in the first: {k}")
-    for k in sorted(set(b) - set(a)):
-        print(f"  only in the second: {k}")
+    for side, keys in (("first", sorted(set(a) - set(b))), ("second", sorted(set(b) - set(a)))):
+        for k in keys[:_SHOWN]:
+            print(f"  only in the {side}: {k}")
+        if len(keys) > _SHOWN:
+            print(f"  ... and {len(keys) - _SHOWN} more only in the {side}")
     return 1 if diff else 0
 
 
