@@ -511,9 +511,9 @@ def write_report(predictions, references, out, model=None, baseline=None, config
     if not isinstance(model, MorphableModel):
         model = load_bfm(model)
     if regions is None:
-        from .topology import bfm_regions
+        from .scoring import model_regions
 
-        regions = bfm_regions(model)
+        regions = model_regions(model)
     refs = references if hasattr(references, "to_vertices") else read_references(references)
     preds = predictions if hasattr(predictions, "to_vertices") else read_predictions(predictions)
     base = None

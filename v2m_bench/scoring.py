@@ -36,6 +36,7 @@ __all__ = [
     "VertexErrors",
     "VertexErrorAccumulator",
     "SMALL_SAMPLE",
+    "model_regions",
 ]
 
 REGION_METRICS = (
@@ -568,7 +569,7 @@ def score(predictions, references, model=None, *, baseline=None, config: ScoreCo
     from .topology import REGION_NAMES
 
     if regions is None:
-        regions = _model_regions(model)
+        regions = model_regions(model)
     elif sorted(regions) != sorted(REGION_NAMES):
         raise ValidationError(f"expected the benchmark's six parts {', '.join(REGION_NAMES)}, got "
                               f"{', '.join(map(str, regions)) or 'none'} (for other parts use metrics.part_rmse)",
@@ -624,10 +625,23 @@ def _check_expected(ref_fp: str, expected: str | None, refs) -> None:
 
 
 # ------------------------------------------------------------------------------ regions cache
-def _model_regions(model) -> dict:
-    """:func:`v2m_bench.topology.bfm_regions` of ``model``, kept in the user cache
-    (``<cache>/regions/``, keyed by the mean shape, triangles, keypoints and the source of the
-    region definition), so later runs skip the hull and normal computations and their imports."""
+def model_regions(model) -> dict:
+    """The six benchmark part regions of ``model`` (:func:`v2m_bench.topology.bfm_regions`),
+    kept in the user cache.
+
+    The cache entry (``<cache>/regions/``) is keyed by the mean shape, triangles, keypoints and the
+    source of the region definition, so later runs skip the hull and normal computations and
+    their imports; an unreadable or stale entry is recomputed.
+
+    Parameters
+    ----------
+    model : MorphableModel
+
+    Returns
+    -------
+    dict of str to ndarray (N,) bool
+        Keyed by :data:`v2m_bench.topology.REGION_NAMES`.
+    """
     import hashlib
 
     from . import geometry, topology

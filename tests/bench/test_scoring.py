@@ -211,3 +211,22 @@ def test_regions_are_read_back_from_the_cache(bfm, tmp_path, monkeypatch):
     again = score(pred, ref, bfm, config=ScoreConfig(bootstrap=0, chance=False))
     for k in METRIC_NAMES:
         assert again.metrics[k].value == first.metrics[k].value, k
+
+
+def test_model_regions_come_from_the_cache_once_made(bfm, tmp_path, monkeypatch):
+    """model_regions (used by score and report) computes the regions once, then reads them back."""
+    import v2m_bench.topology as topology
+    from v2m_bench.scoring import model_regions
+
+    monkeypatch.setenv("V2M_CACHE_DIR", str(tmp_path / "cache"))
+    want = topology.bfm_regions(bfm)
+    first = model_regions(bfm)
+
+    def refuse(model):
+        raise AssertionError("the regions were computed again")
+
+    monkeypatch.setattr(topology, "bfm_regions", refuse)
+    again = model_regions(bfm)
+    assert sorted(again) == sorted(want)
+    for k in want:
+        assert np.array_equal(first[k], want[k]) and np.array_equal(again[k], want[k]), k
