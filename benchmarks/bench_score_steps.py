@@ -3,8 +3,8 @@
 Reads the case that ``bench_score_cli.py --work DIR`` writes (``DIR/references.h5``,
 ``DIR/predictions.h5``: 301 references x 3 predictions as BFM coefficients) and times, over the
 same chunks of 96 predictions as ``score``: coefficients to vertices, the face-plausibility
-check, ARE + NME, RMSE_v2v (global, then global + the six parts), and the part regions computed
-and read from the user cache. Prints CPU and wall seconds, the best of ``--runs``, and the load.
+check, ARE + NME, RMSE_v2v (global, then global + the six parts, with the compiled sums and with
+numpy's), and the part regions computed and read from the user cache. Prints CPU and wall seconds, the best of ``--runs``, and the load.
 
     python benchmarks/bench_score_steps.py --work /tmp/v2m_score_case [--bfm DIR] [--runs 3]
 
@@ -81,18 +81,19 @@ def main(argv=None) -> int:
             metrics.are(pv, rb)
             metrics.nme_official(pv, rb, model.keypoints)
 
-    def v2v(parts):
+    def v2v(parts, engine=None):
         def run():
             for pv, rv, local, rows, _ in data:
                 rb = rv[local]
                 for lo in range(0, len(rows), 16):
-                    metrics.rmse_v2v(pv[lo : lo + 16], rb[lo : lo + 16], regions=regions if parts else None)
+                    metrics.rmse_v2v(pv[lo : lo + 16], rb[lo : lo + 16], regions=regions if parts else None, engine=engine)
         return run
 
     t_vert, data = best(vertices)
     rows = [(f"coefficients to vertices ({len(order)} + {len(pos)} meshes)", t_vert),
             ("face-plausibility check", best(check)[0]), ("ARE + NME", best(are_nme)[0]),
             ("RMSE_v2v, global", best(v2v(False))[0]), ("RMSE_v2v, global + six parts", best(v2v(True))[0]),
+            ("RMSE_v2v, global + six parts, engine='numpy'", best(v2v(True, "numpy"))[0]),
             ("regions computed (imports already made)", best(lambda: bfm_regions(model))[0])]
     print(f"{len(order)} predictions, {len(pos)} references; {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.2f}; "
           f"best of {args.runs}; imports of numpy and v2m_bench {T_IMPORT:.2f} s wall")

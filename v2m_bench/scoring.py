@@ -699,6 +699,8 @@ def _chance_key(ref_fp: str, model, regions, config: ScoreConfig) -> str:
         "regions": {str(k): region_checksum(v) for k, v in regions.items()},
         "with_scale": bool(config.with_scale),
         "engine": engine,
+        # RMSE_v2v's sums (centred, float64): compiled where numba imports, else numpy (last bits)
+        "v2v_sums": "centred/" + ("numba" if importlib.util.find_spec("numba") is not None else "numpy"),
         "device": None if config.device is None else str(config.device),
         "bins": [_BIN_MM, _MAX_MM],
         "metrics": list(METRIC_NAMES),

@@ -114,3 +114,44 @@ def test_a_part_equals_the_metric_on_its_own_vertices(with_scale, dtype):
         alone = rmse_v2v(pred[:, m], ref[:, m], with_scale=with_scale)
         assert parts[name].shape == (4,) and np.array_equal(parts[name], alone), name
         assert (parts[name] > 0.3).all()  # about 0.4 * sqrt(3) mm of noise, not zero
+
+
+def test_the_engines_agree_and_are_validated(monkeypatch):
+    """The compiled sums (numba) and the numpy sums give the same metric to rounding, whole and
+    per part, rigid and scaled; a bad engine name, or numba asked for without it, is refused; the
+    default falls back to numpy when the kernels cannot be imported."""
+    import sys
+
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(11)
+    ref = np.stack([_face(rng, 3000) for _ in range(3)]).astype(np.float32)
+    pred = (ref @ _rotation(rng).T * 1.02 + rng.normal(scale=700.0, size=ref.shape)).astype(np.float32)
+    masks = {"a": ref[0, :, 0] > 10_000, "b": rng.random(3000) < 0.2}
+    for with_scale in (False, True):
+        ga, pa = rmse_v2v(pred, ref, regions=masks, with_scale=with_scale, engine="numba")
+        gb, pb = rmse_v2v(pred, ref, regions=masks, with_scale=with_scale, engine="numpy")
+        assert np.allclose(ga, gb, rtol=1e-10, atol=0) and not np.array_equal(ga, np.zeros(3))
+        for k in masks:
+            assert np.allclose(pa[k], pb[k], rtol=1e-10, atol=0), k
+    # one reference broadcast over the batch, single meshes, float64 input
+    assert np.allclose(rmse_v2v(pred, ref[0], engine="numba"), rmse_v2v(pred, ref[0], engine="numpy"), rtol=1e-10)
+    one = rmse_v2v(pred[1].astype(np.float64), ref[1], engine="numba")
+    assert one.shape == () and float(one) == pytest.approx(float(rmse_v2v(pred, ref)[1]), rel=1e-10)
+    with pytest.raises(ValidationError, match="engine"):
+        rmse_v2v(pred, ref, engine="fast")
+    monkeypatch.setitem(sys.modules, "v2m_bench.metrics._v2v_kernels", None)  # as if numba were not installed
+    with pytest.raises(ValidationError, match="numba is not installed"):
+        rmse_v2v(pred, ref, engine="numba")
+    assert np.array_equal(rmse_v2v(pred, ref), rmse_v2v(pred, ref, engine="numpy"))
+
+
+def test_the_inputs_are_not_modified():
+    """The numpy engine centres float64 copies in place: never the caller's arrays."""
+    rng = np.random.default_rng(12)
+    ref = _face(rng, 2000)
+    pred = ref + rng.normal(scale=500.0, size=ref.shape)
+    keep_p, keep_r = pred.copy(), ref.copy()
+    for engine in ("numpy", None):
+        rmse_v2v(pred, ref, engine=engine, regions={"a": ref[:, 0] > 0})
+        rmse_v2v(pred, ref, engine=engine, return_alignment=True)
+    assert np.array_equal(pred, keep_p) and np.array_equal(ref, keep_r)
