@@ -381,3 +381,28 @@ def test_mkdocs_build_strict(tmp_path):
         assert not re.search(r"<(script|img|iframe)\b[^>]*\bsrc=\"(https?:)?//", text), page
         assert not re.search(r"<link\b[^>]*\bhref=\"(https?:)?//", text), page
         assert "fonts.googleapis" not in text and "fonts.gstatic" not in text, page
+
+
+def test_every_docstring_example_runs(tmp_path, monkeypatch):
+    """The ``>>>`` examples in the packages' docstrings run as written (``doctest``; an example
+    that needs data or hardware a test cannot have is marked ``# doctest: +SKIP``), from a fresh
+    working folder."""
+    import doctest
+    import importlib
+    import pkgutil
+
+    monkeypatch.chdir(tmp_path)
+    ran, failed = [], []
+    for pkg in ("v2m_bench", "v2m_data", "v2m_models", "v2m_cli"):
+        base = importlib.import_module(pkg)
+        for info in pkgutil.walk_packages(base.__path__, pkg + "."):
+            spec = importlib.util.find_spec(info.name)
+            if spec is None or spec.origin is None or ">>>" not in Path(spec.origin).read_text():
+                continue
+            res = doctest.testmod(importlib.import_module(info.name), optionflags=doctest.ELLIPSIS, report=False)
+            ran.append((info.name, res.attempted))
+            if res.failed:
+                failed.append(f"{info.name}: {res.failed} of {res.attempted} failed")
+    assert not failed, failed
+    names = dict(ran)
+    assert names.get("v2m_bench.metrics.v2v", 0) >= 6, ran  # the metric's own examples ran

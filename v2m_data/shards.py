@@ -529,8 +529,11 @@ def open_dataset(root: str | os.PathLike) -> BuildDataset:
     --------
     >>> ds = open_dataset("OUT")                       # doctest: +SKIP
     >>> train = ds.split("train")                      # doctest: +SKIP
-    >>> x = train.utterance_features(0)                # (64, n_frames) float32
-    >>> faces = train.crops([0, 1, 2], size=64)        # (3, 64, 64, 3) uint8
-    >>> train.fit["shape"][:3]                         # (3, 40) float32
+    >>> x = train.utterance_features(0)                # doctest: +SKIP
+    >>> faces = train.crops([0, 1, 2], size=64)        # doctest: +SKIP
+    >>> train.fit["shape"][:3]                         # doctest: +SKIP
+
+    (``x``: (64, n_frames) float32 log-mel features; ``faces``: (3, 64, 64, 3) uint8 crops; the
+    fit's shape coefficients (3, 40) float32; the examples need a built ``OUT`` folder.)
     """
     return BuildDataset(root)
