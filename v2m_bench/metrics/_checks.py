@@ -7,6 +7,7 @@ Every check raises :class:`~v2m_bench.errors.ValidationError` naming the argumen
 
 from __future__ import annotations
 
+import importlib
 from typing import Mapping
 
 import numpy as np
@@ -14,7 +15,7 @@ import numpy as np
 from ..errors import ValidationError
 
 __all__ = ["meshes", "mesh_batch", "mesh_pair", "reads_vertex", "finite", "not_finite", "triangles", "group", "regions",
-           "squeeze", "take", "distance"]
+           "squeeze", "take", "distance", "engine"]
 
 
 def meshes(a, key: str) -> tuple[np.ndarray, bool]:
@@ -155,3 +156,23 @@ def take(v: np.ndarray, ids) -> np.ndarray:
 def distance(v: np.ndarray, a: int, b: int) -> np.ndarray:
     """3-D distance (B,) float64 between vertices ``a`` and ``b`` of each mesh of a (B, N, 3) batch."""
     return np.linalg.norm(take(v, [a])[:, 0] - take(v, [b])[:, 0], axis=-1)
+
+
+def engine(name, kernels: str, fallback: str):
+    """The compiled kernels an ``engine`` argument asks for: the module ``kernels`` (numba; imported
+    here, on first use, so ``import v2m_bench.metrics`` needs no numba), or None for the
+    ``fallback`` engine.
+
+    ``None``/"auto": the kernels when numba imports (it comes with the project's librosa), else the
+    fallback; "numba": the kernels, or an error when numba is missing; ``fallback``: None.
+    """
+    if name in (None, "auto", "numba"):
+        try:
+            return importlib.import_module(kernels)
+        except ImportError:
+            if name == "numba":
+                raise ValidationError("numba is not installed (pip install numba)", key="engine") from None
+            return None
+    if name == fallback:
+        return None
+    raise ValidationError(f"expected 'auto', 'numba' or {fallback!r}, found {name!r}", key="engine")

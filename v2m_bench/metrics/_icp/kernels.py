@@ -1,8 +1,8 @@
 """Compiled ICP pipeline of the metrics (numba): normals, centring, the correspondence fit's sums,
 the ICP iterations and the exhaustive scores, prediction after prediction.
 
-The only module of the package that the engine choice imports (:func:`.search.exact_engine`, a
-visible lazy import), so ``import v2m_bench.metrics`` needs numpy, scipy and h5py alone. The
+The only module of the package that the engine choice imports (:func:`.search.exact_engine`,
+through ``_checks.engine``, on first use), so ``import v2m_bench.metrics`` needs numpy, scipy and h5py alone. The
 searches themselves are in :mod:`.grid_kernels` and the exhaustive score in :mod:`.score_kernels`
 (:func:`build_grids`, :func:`nearest_exact` and :func:`score_exact` are re-exported here). Argument groups: ``refs = (q, nrm, nbr)`` (centred float32 reference
 vertices (G, n, 3), their normals, the walk graph (n, K)); ``grid`` the tuple of

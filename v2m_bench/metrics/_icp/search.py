@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...errors import ValidationError
+from .. import _checks
 from .algebra import dot3
 from .walk import NumpyBackend
 
@@ -22,17 +22,7 @@ def exact_engine(name: str | None):
 
     ``None``/"auto": numba when it imports (it comes with the project's librosa), else k-d trees.
     """
-    if name in (None, "auto", "numba"):
-        try:
-            import v2m_bench.metrics._icp.kernels as kernels  # numba, imported only when the compiled engine is used
-        except ImportError:
-            if name == "numba":
-                raise ValidationError("numba is not installed (pip install numba)", key="engine") from None
-            return None
-        return kernels
-    if name == "kdtree":
-        return None
-    raise ValidationError(f"expected 'auto', 'numba' or 'kdtree', found {name!r}", key="engine")
+    return _checks.engine(name, "v2m_bench.metrics._icp.kernels", "kdtree")
 
 
 def make_search(positions, nbr, kernels, max_steps):
