@@ -2,18 +2,39 @@
 
 ``bfm`` / ``shared_dir`` give the ../shared material when the environment points at it
 (``V2M_BFM_DIR``, ``V2M_SHARED_DIR``) and skip otherwise. ``small_model`` is a random morphable
-model that needs nothing outside the repository.
+model that needs nothing outside the repository. ``start_http_server`` / ``stop_http_server``
+run the local 127.0.0.1 servers that the download tests use instead of the internet.
 """
 
 from __future__ import annotations
 
+import http.server
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from v2m_bench.bfm import MorphableModel
+
+
+def start_http_server(handler) -> http.server.ThreadingHTTPServer:
+    """A threaded HTTP server for ``handler`` on 127.0.0.1 (a free port), serving in a daemon
+    thread; ``url`` is its base address (no trailing slash). Stop it with :func:`stop_http_server`."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    srv.daemon_threads = True
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    srv.thread.start()
+    return srv
+
+
+def stop_http_server(srv) -> None:
+    """Stop a server of :func:`start_http_server` and close its socket."""
+    srv.shutdown()
+    srv.server_close()
+    srv.thread.join(5)
 
 
 @pytest.fixture(autouse=True)

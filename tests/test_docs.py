@@ -32,11 +32,12 @@ import re
 import shlex
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import start_http_server, stop_http_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -204,14 +205,12 @@ class DocRunner:
     def base_url(self) -> str:
         if self.server is None:
             handler = functools.partial(_Quiet, directory=str(self.bfm_dir))
-            self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-            threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{self.server.server_address[1]}/"
+            self.server = start_http_server(handler)
+        return self.server.url + "/"
 
     def close(self):
         if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
+            stop_http_server(self.server)
 
     def run_until(self, rel: str) -> list[str]:
         """Run every file up to and including ``rel`` (once each); return ``rel``'s notes, one per

@@ -19,6 +19,8 @@ from v2m_bench.bfm import BFM_FILES, GENUINE_MD5, find_bfm_dir
 from v2m_bench.download import BFM_URLS, ChecksumError, NotGenuineWarning, bfm_urls, default_bfm_dest, fetch_bfm
 from v2m_cli import bench_fetch
 
+from tests.conftest import start_http_server, stop_http_server
+
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
     """Serves ``server.root``; ``server.truncate`` names are cut short, ``server.fail`` names get 503 n times."""
@@ -75,18 +77,12 @@ def server(tmp_path, monkeypatch):
     def handler(*args, **kwargs):
         return _Handler(*args, directory=str(srv.root), **kwargs)
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    srv.daemon_threads = True
+    srv = start_http_server(handler)
     srv.root, srv.requests, srv.truncate, srv.fail, srv.lock = root, [], set(), {}, threading.Lock()
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
     try:
         yield srv
     finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(5)
+        stop_http_server(srv)
 
 
 def _fake_files(root: Path) -> dict[str, str]:

@@ -22,7 +22,6 @@ import select
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +30,8 @@ import pytest
 
 from v2m_bench import ScoreConfig, score, write_predictions, write_references
 from v2m_bench.scoring import METRIC_NAMES, PAPER_RESULTS
+
+from tests.conftest import start_http_server, stop_http_server
 
 #: Identity names that would break the page (or run script) if they were not escaped.
 NASTY = [
@@ -456,15 +457,13 @@ def http_root():
 
     def serve(folder: Path) -> str:
         handler = functools.partial(_QuietHandler, directory=str(folder))
-        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        srv = start_http_server(handler)
         servers.append(srv)
-        return f"http://127.0.0.1:{srv.server_address[1]}/"
+        return srv.url + "/"
 
     yield serve
     for s in servers:
-        s.shutdown()
-        s.server_close()
+        stop_http_server(s)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

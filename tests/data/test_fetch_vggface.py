@@ -21,6 +21,8 @@ from v2m_data.building import BuildLockedError
 from v2m_data.vggface_fetch import FetchConfig, fetch_vggface, validate_image_bytes
 from v2m_cli.build import main as build_main
 
+from tests.conftest import start_http_server, stop_http_server
+
 ROOT = Path(__file__).resolve().parents[2]
 PROXY_VARS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 
@@ -108,18 +110,12 @@ def server(monkeypatch):
     for var in PROXY_VARS:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.daemon_threads = True
+    srv = start_http_server(_Handler)
     srv.routes, srv.requests, srv.lock, srv.delay, srv.default = {}, {}, threading.Lock(), 0.0, None
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
     try:
         yield srv
     finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(5)
+        stop_http_server(srv)
 
 
 # ---------------------------------------------------------------------------------------- data
